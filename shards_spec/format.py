@@ -1,0 +1,173 @@
+"""Constants, schemas and naming rules of the shard format (see SPEC.md)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SPEC_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+
+MANIFEST_NAME = "dataset.json"
+INDEX_NAME = "index.parquet"
+SKIPPED_NAME = "skipped.parquet"
+SUMMARY_NAME = "summary.json"
+
+FORBIDDEN_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pt", "pth"})
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)/(?P=split)-(?P<n>[0-9]{6})\.tar$")
+FRAME_RE = re.compile(r"^f(?P<k>[0-9]+)\.png$")
+MASK_RE = re.compile(r"^mask(?P<k>[0-9]+)\.png$")
+FLOW_MEMBER = "flow.npy"
+JSON_MEMBER = "json"
+
+PERCENTILES = (1, 5, 25, 50, 75, 90, 95, 99)
+
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("sequence", pa.int32()),
+        pa.field("camera", pa.int32()),
+        pa.field("subject", pa.string()),
+        pa.field("object", pa.string()),
+        pa.field("frame_ids", pa.list_(pa.int64()), nullable=False),
+        pa.field("flow_msq", pa.list_(pa.float64()), nullable=False),
+        pa.field("weight", pa.list_(pa.float64()), nullable=False),
+    ]
+)
+
+SKIPPED_SCHEMA = pa.schema(
+    [
+        pa.field("source_path", pa.string()),
+        pa.field("clip_id", pa.string()),
+        pa.field("frame_id", pa.int64()),
+        pa.field("reason", pa.string()),
+    ]
+)
+
+
+class SpecError(ValueError):
+    """A build, shard or sample does not follow the shard format."""
+
+
+def shard_path(split: str, n: int) -> str:
+    """Relative path of shard number `n` of `split`, e.g. ``train/train-000003.tar``."""
+    if not SPLIT_RE.match(split):
+        raise SpecError(f"bad split name {split!r}: use letters, digits, '_' or '-'")
+    if not 0 <= n <= 999_999:
+        raise SpecError(f"shard number {n} out of range 0..999999")
+    return f"{split}/{split}-{n:06d}.tar"
+
+
+def frame_member(k: int) -> str:
+    """Member extension of frame `k` of a window."""
+    return f"f{k}.png"
+
+
+def mask_member(k: int) -> str:
+    """Member extension of the mask of frame `k` of a window."""
+    return f"mask{k}.png"
+
+
+def frame_members(window: int) -> list[str]:
+    """Frame member extensions of a `window`-frame sample, in order."""
+    return [frame_member(k) for k in range(window)]
+
+
+def mask_members(window: int) -> list[str]:
+    """Mask member extensions of a `window`-frame sample, in order."""
+    return [mask_member(k) for k in range(window)]
+
+
+def is_forbidden(ext: str) -> bool:
+    """True when a member extension names a pickle-like payload (``x.pkl``, ``pt``, ...)."""
+    return ext.rsplit(".", 1)[-1].lower() in FORBIDDEN_EXTENSIONS
+
+
+def check_key(key: str) -> None:
+    """Raise SpecError unless `key` is a valid sample key."""
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise SpecError(f"bad sample key {key!r}: use letters, digits, '_' or '-' (no dots)")
+
+
+def major_version(version: Any) -> int:
+    """Major number of a ``"MAJOR.MINOR"`` spec version string."""
+    match = re.match(r"^([0-9]+)\.([0-9]+)$", str(version))
+    if not match:
+        raise SpecError(f"bad spec_version {version!r}: expected 'MAJOR.MINOR'")
+    return int(match.group(1))
+
+
+def check_version(version: Any) -> None:
+    """Raise SpecError unless a reader of this package can read `version`."""
+    major = major_version(version)
+    if major != SUPPORTED_MAJOR:
+        raise SpecError(
+            f"unsupported shard format version {version}: this reader reads "
+            f"{SUPPORTED_MAJOR}.x only"
+        )
+
+
+@functools.cache
+def _schema_text(name: str) -> str:
+    return resources.files("shards_spec").joinpath(name).read_text(encoding="utf-8")
+
+
+def load_schema(name: str) -> dict:
+    """Load a JSON schema shipped with the package: ``"dataset"`` or ``"sample"``."""
+    file = name if name.endswith(".json") else f"{name}.schema.json"
+    if file not in ("dataset.schema.json", "sample.schema.json"):
+        raise ValueError(f"unknown schema {name!r}: use 'dataset' or 'sample'")
+    return json.loads(_schema_text(file))
+
+
+def flow_weight(flow_msq: float, sigma: float) -> float:
+    """Proximity weight of a pair: ``exp(-flow_msq / sigma)``."""
+    return float(np.exp(-float(flow_msq) / float(sigma)))
+
+
+def distinct_pair_values(rows: Iterable[dict]) -> list[float]:
+    """flow_msq of each distinct adjacent pair (clip_id, frame_a, frame_b) in index rows.
+
+    A pair shared by overlapping windows counts once; first occurrence wins.
+    """
+    seen: dict[tuple[str, int, int], float] = {}
+    for row in rows:
+        ids, msq = row["frame_ids"], row["flow_msq"]
+        for i, value in enumerate(msq):
+            seen.setdefault((row["clip_id"], int(ids[i]), int(ids[i + 1])), float(value))
+    return list(seen.values())
+
+
+def flow_stats(values: Sequence[float]) -> dict:
+    """Summary of flow_msq values as stored in ``manifest["flow"]["stats"]``."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return {
+            "count": 0,
+            "mean": None,
+            "min": None,
+            "max": None,
+            "percentiles": {f"p{p}": None for p in PERCENTILES},
+        }
+    pct = np.percentile(arr, PERCENTILES)
+    return {
+        "count": int(arr.size),
+        "mean": float(arr.mean()),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "percentiles": {f"p{p}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)},
+    }

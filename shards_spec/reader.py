@@ -1,0 +1,226 @@
+"""Read a build: manifest, index and decoded K-frame samples, without ever unpickling."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from .format import (
+    FLOW_MEMBER,
+    INDEX_NAME,
+    JSON_MEMBER,
+    MANIFEST_NAME,
+    SpecError,
+    check_version,
+    frame_member,
+    is_forbidden,
+    mask_member,
+)
+from .writer import check_manifest
+
+
+def refuse_forbidden(sample: dict) -> dict:
+    """Raise SpecError if a raw sample holds a pickle-like member; return it unchanged."""
+    for ext in sample:
+        if not ext.startswith("__") and is_forbidden(ext):
+            where = sample.get("__url__", "?")
+            raise SpecError(
+                f"refusing pickle-like member {sample.get('__key__')}.{ext} in {where}: "
+                "shards hold png/npy/json only"
+            )
+    return sample
+
+
+def decode_png(data: bytes, what: str = "image") -> np.ndarray:
+    """Decode PNG bytes to uint8 RGB ``HxWx3`` (colour) or ``HxW`` (single channel)."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise SpecError(f"{what}: not a decodable PNG")
+    if img.dtype != np.uint8:
+        raise SpecError(f"{what}: expected 8-bit pixels, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    return img
+
+
+def load_npy(data: bytes, what: str = "array") -> np.ndarray:
+    """Load ``.npy`` bytes with pickling disabled."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise SpecError(f"{what}: not a plain .npy array ({exc})") from exc
+
+
+def _frame(raw: dict, ext: str, channels: int) -> np.ndarray:
+    key = raw.get("__key__")
+    if ext not in raw:
+        raise SpecError(f"sample {key} lacks member {ext}")
+    img = decode_png(raw[ext], f"{key}.{ext}")
+    if channels == 3 and (img.ndim != 3 or img.shape[2] != 3):
+        raise SpecError(f"{key}.{ext}: expected an RGB image, got shape {img.shape}")
+    if channels == 1 and img.ndim != 2:
+        raise SpecError(f"{key}.{ext}: expected a single-channel mask, got shape {img.shape}")
+    return img
+
+
+def decode_sample(raw: dict, window: int) -> dict:
+    """Decode one raw webdataset sample of a `window`-frame build.
+
+    Returns ``{"key", "frames", "masks", "flow", "meta"}``; unknown members are ignored.
+    """
+    refuse_forbidden(raw)
+    key = raw["__key__"]
+    frames = [_frame(raw, frame_member(k), 3) for k in range(window)]
+    masks = None
+    if mask_member(0) in raw:
+        masks = [_frame(raw, mask_member(k), 1) for k in range(window)]
+    flow = load_npy(raw[FLOW_MEMBER], f"{key}.{FLOW_MEMBER}") if FLOW_MEMBER in raw else None
+    if JSON_MEMBER not in raw:
+        raise SpecError(f"sample {key} lacks member {JSON_MEMBER}")
+    try:
+        meta = json.loads(raw[JSON_MEMBER].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{key}.json: not UTF-8 JSON ({exc})") from exc
+    return {"key": key, "frames": frames, "masks": masks, "flow": flow, "meta": meta}
+
+
+def raw_samples(urls: Iterable[str]) -> Iterator[dict]:
+    """Undecoded samples (``__key__``, ``__url__`` and member bytes) of shards, in order."""
+    urls = list(urls)
+    if not urls:
+        return iter(())
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(),
+        wds.map(refuse_forbidden),
+    )
+    return iter(pipeline)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Load and check ``dataset.json`` of the build at `path` (raises a one-line SpecError)."""
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        raise SpecError(f"not a build: {file} is missing")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise SpecError(f"{file}: expected a JSON object")
+    if "spec_version" in manifest:
+        check_version(manifest["spec_version"])
+    check_manifest(manifest)
+    return manifest
+
+
+class Build:
+    """A build on disk: ``dataset.json``, ``index.parquet`` and the split shards."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).resolve()
+        self.manifest: dict[str, Any] = read_manifest(self.path)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
+        return f"Build({str(self.path)!r}, K={self.window}, {counts})"
+
+    @property
+    def window(self) -> int:
+        """K, the number of frames per sample."""
+        return int(self.manifest["window"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def flow_size(self) -> int:
+        return int(self.manifest["flow_size"])
+
+    @property
+    def members(self) -> list[str]:
+        return list(self.manifest["members"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.manifest["splits"][split]
+        except KeyError:
+            have = ", ".join(self.splits) or "none"
+            raise SpecError(f"unknown split {split!r} (this build has: {have})") from None
+
+    def urls(self, split: str) -> list[str]:
+        """Absolute paths of the shards of `split`, in order."""
+        return [str(self.path / s["path"]) for s in self._split(split)["shards"]]
+
+    def count(self, split: str) -> int:
+        """Number of samples in `split`."""
+        return int(self._split(split)["samples"])
+
+    def index(self) -> pa.Table:
+        """The index table (one row per sample)."""
+        return pq.read_table(self.path / INDEX_NAME)
+
+    def webdataset(
+        self, split: str, shuffle: bool = False, seed: int = 0, bufsize: int = 1000
+    ) -> wds.DataPipeline:
+        """Undecoded, pickle-safe webdataset pipeline over `split` for trainers.
+
+        Shards are split by node and by DataLoader worker; samples are raw member bytes.
+        """
+        urls = self.urls(split)
+        if not urls:
+            raise SpecError(f"split {split!r} has no shards")
+        stages: list[Any] = [
+            wds.SimpleShardList(urls, seed=seed if shuffle else None),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            wds.map(refuse_forbidden),
+        ]
+        if shuffle:
+            stages.append(wds.shuffle(bufsize, seed=seed))
+        return wds.DataPipeline(*stages)
+
+    def samples(
+        self, split: str, shuffle: bool = False, seed: int = 0, bufsize: int = 1000
+    ) -> Iterator[dict]:
+        """Decoded samples of `split`: ``{"key", "frames", "masks", "flow", "meta"}``.
+
+        Frames are uint8 RGB ``HxWx3``; masks uint8 ``HxW`` or None; flow float16
+        ``(K-1, 2, h, w)`` or None; meta the per-sample JSON object.
+        """
+        urls = self.urls(split)
+        if not urls:
+            return
+        stages: list[Any] = [
+            wds.SimpleShardList(urls, seed=seed if shuffle else None),
+            wds.tarfile_to_samples(),
+            wds.map(refuse_forbidden),
+        ]
+        if shuffle:
+            stages.append(wds.shuffle(bufsize, seed=seed))
+        window = self.window
+        for raw in wds.DataPipeline(*stages):
+            yield decode_sample(raw, window)
+
+
+def open_build(path: str | os.PathLike) -> Build:
+    """Open the build at `path`."""
+    return Build(path)

@@ -1,0 +1,233 @@
+"""Deterministic, atomic writers for shards, index, skipped list and manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import jsonschema
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from .format import (
+    INDEX_SCHEMA,
+    SKIPPED_SCHEMA,
+    SpecError,
+    check_key,
+    is_forbidden,
+    load_schema,
+)
+
+TAR_MTIME = 0
+TAR_USER = "framebridge"
+TAR_GROUP = "framebridge"
+TAR_MODE = 0o444
+PNG_COMPRESSION = 3
+
+
+def _temp_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temp name beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def dumps_json(obj: Any) -> str:
+    """Canonical JSON text of the format: indented, sorted keys, newline-terminated."""
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write `obj` as canonical JSON (indent 2, sorted keys)."""
+    atomic_write_bytes(path, dumps_json(obj).encode("utf-8"))
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """Encode an RGB ``HxWx3`` or grey ``HxW`` uint8 image as PNG bytes (deterministic)."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise SpecError(f"encode_png needs uint8 pixels, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    elif img.ndim != 2:
+        raise SpecError(f"encode_png needs HxWx3 RGB or HxW grey, got shape {img.shape}")
+    ok, buf = cv2.imencode(
+        ".png", np.ascontiguousarray(img), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
+    )
+    if not ok:
+        raise SpecError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    """Encode an array as ``.npy`` bytes (never pickled)."""
+    arr = np.asarray(arr)
+    if arr.dtype.hasobject:
+        raise SpecError("object arrays cannot be stored: .npy members must not need pickle")
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_json(obj: Any) -> bytes:
+    """Encode a per-sample metadata object as compact, sorted UTF-8 JSON."""
+    return json.dumps(obj, sort_keys=True, allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+def _prepare(sample: dict) -> dict:
+    if "__key__" not in sample:
+        raise SpecError("sample has no __key__")
+    key = sample["__key__"]
+    check_key(key)
+    out: dict[str, Any] = {"__key__": key}
+    for ext, value in sample.items():
+        if ext.startswith("_"):
+            continue
+        if is_forbidden(ext):
+            raise SpecError(f"sample {key}: member {key}.{ext} is pickle-like and not allowed")
+        if ext == "json" and isinstance(value, dict):
+            value = encode_json(value)
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise SpecError(f"sample {key}: member {ext} must be bytes, got {type(value).__name__}")
+        out[ext] = bytes(value)
+    if len(out) == 1:
+        raise SpecError(f"sample {key} has no members")
+    return out
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> dict:
+    """Write samples to a deterministic, uncompressed tar at `path` (atomically).
+
+    Each sample is ``{"__key__": key, ext: bytes, ...}``; ``"json"`` may be a dict. Samples are
+    written in the order given; members inside a sample are sorted by extension (webdataset's
+    TarWriter order). Returns ``{"path", "sha256", "bytes", "samples"}``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(target)
+    count = 0
+    seen: set[str] = set()
+    try:
+        with open(tmp, "wb") as stream:
+            writer = wds.TarWriter(
+                stream,
+                user=TAR_USER,
+                group=TAR_GROUP,
+                mode=TAR_MODE,
+                compress=False,
+                encoder=False,
+                mtime=TAR_MTIME,
+            )
+            with writer:
+                for sample in samples:
+                    prepared = _prepare(sample)
+                    if prepared["__key__"] in seen:
+                        raise SpecError(f"duplicate sample key {prepared['__key__']} in {path}")
+                    seen.add(prepared["__key__"])
+                    writer.write(prepared)
+                    count += 1
+            stream.flush()
+            os.fsync(stream.fileno())
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        _commit(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "sha256": digest, "bytes": size, "samples": count}
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=True)
+    return buf.getvalue()
+
+
+def _table(rows: list[dict], schema: pa.Schema, what: str) -> pa.Table:
+    names = schema.names
+    for i, row in enumerate(rows):
+        missing = [n for n in names if n not in row]
+        if missing:
+            raise SpecError(f"{what} row {i} lacks column(s) {', '.join(missing)}")
+    columns = {n: [row[n] for row in rows] for n in names}
+    try:
+        return pa.Table.from_pydict(columns, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise SpecError(f"{what} rows do not fit the schema: {exc}") from exc
+
+
+def write_index(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``index.parquet`` (INDEX_SCHEMA, rows in the order given) atomically."""
+    atomic_write_bytes(path, _parquet_bytes(_table(rows, INDEX_SCHEMA, "index")))
+
+
+def write_skipped(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write ``skipped.parquet`` (SKIPPED_SCHEMA, rows in the order given) atomically."""
+    atomic_write_bytes(path, _parquet_bytes(_table(rows, SKIPPED_SCHEMA, "skipped")))
+
+
+def check_manifest(manifest: dict) -> None:
+    """Raise SpecError with the first schema problem of a manifest."""
+    validator = jsonschema.Draft202012Validator(load_schema("dataset"))
+    err = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
+    if err is not None:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise SpecError(f"dataset.json {where}: {err.message}")
+
+
+def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
+    """Validate a manifest against dataset.schema.json, then write it atomically."""
+    check_manifest(manifest)
+    atomic_write_json(path, manifest)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
