@@ -1,0 +1,505 @@
+"""`pipeline build`: sources -> tracks (Ray tasks, flow actors) -> plan -> shards (Ray tasks).
+
+Resumable: tracks and shards are committed atomically under ``OUT/.work`` and skipped when a
+build is run again with the same configuration; the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from pipeline import flow as fl
+from pipeline import frames as fr
+from pipeline.plan import SHORT_CLIP, Plan, make_plan
+from pipeline.raycluster import ray_session
+from pipeline.shards import done_shard, window_job, write_planned_shard
+from pipeline.sources import Discovery, SourceError, Track, discover_handco, discover_video
+from pipeline.tracks import TrackOptions, commit_flow, load_meta, process_frames, process_track
+from shards_spec.format import SPEC_VERSION
+from shards_spec.writer import atomic_write_json, write_index, write_manifest, write_skipped
+
+BUILD_FILES = {"dataset.json", "index.parquet", "skipped.parquet", "summary.json", ".work"}
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or go on; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides the bytes of the output (recorded in the manifest)."""
+
+    src: str = "synthetic"
+    root: str | None = None
+    size: int = 128
+    flow: str = "auto"
+    flow_size: int | None = None
+    flow_weights: str | None = None
+    flow_precision: str = "fp32"
+    flow_batch: int = 8
+    raft_iters: int = 12
+    keep_flow: int = 0
+    keep_mask: bool = False
+    window: int = 3
+    split_by: str = "sequence"
+    val_fraction: float = 0.05
+    max_windows: int | None = None
+    seed: int = 0
+    shard_size: int = 1000
+    mask: str = "fg"
+    mask_root: str | None = None
+    bg: str = "black"
+    cameras: str | None = None
+    sequences: str | None = None
+    frame_stride: int = 1
+    max_clips: int | None = None
+    all_frames: bool = False
+    synth_sequences: int = 8
+    synth_cameras: int = 2
+    synth_frames: int = 32
+    synth_size: int = 224
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the build runs; never changes the output."""
+
+    out: str = "shards"
+    workers: int | None = None
+    address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    flow_actors: int | None = None
+    keep_work: bool = False
+
+
+def check_config(cfg: BuildConfig) -> None:
+    """Reject bad options before any work starts."""
+    if cfg.src not in ("handco", "synthetic", "video"):
+        raise SourceError(f"unknown source {cfg.src!r}: expected handco, synthetic or video")
+    for name in ("size", "flow_size"):
+        v = getattr(cfg, name)
+        if v is not None and (v < 8 or v % 8):
+            raise BuildError(
+                f"--{name.replace('_', '-')} must be a positive multiple of 8, not {v}"
+            )
+    if cfg.window < 2:
+        raise BuildError("--window must be at least 2")
+    if not 0 <= cfg.val_fraction < 1:
+        raise BuildError("--val-fraction must be in [0, 1)")
+    if cfg.shard_size < 1:
+        raise BuildError("--shard-size must be at least 1")
+    if cfg.split_by not in ("sequence", "subject"):
+        raise BuildError("--split-by must be sequence or subject")
+    if cfg.flow_precision not in ("fp32", "bf16", "fp16"):
+        raise BuildError("--flow-precision must be fp32, bf16 or fp16")
+    fr.parse_bg(cfg.bg)
+
+
+def synthetic_root(cfg: BuildConfig) -> Path:
+    base = Path(os.environ.get("FRAMEBRIDGE_CACHE", "~/.cache/framebridge")).expanduser()
+    return base / (
+        f"synthetic-n{cfg.synth_sequences}-c{cfg.synth_cameras}-f{cfg.synth_frames}"
+        f"-s{cfg.synth_size}-seed{cfg.seed}"
+    )
+
+
+def discover(cfg: BuildConfig, progress: bool = True) -> Discovery:
+    common = {
+        "frame_stride": cfg.frame_stride,
+        "max_clips": cfg.max_clips,
+        "split_by": cfg.split_by,
+    }
+    if cfg.src == "video":
+        if not cfg.root:
+            raise SourceError("--src video needs --root PATH (a video file or a folder of videos)")
+        return discover_video(cfg.root, mask_root=cfg.mask_root, **common)
+    handco = {
+        "mask": cfg.mask,
+        "cameras": cfg.cameras,
+        "sequences": cfg.sequences,
+        "green_screen_only": not cfg.all_frames,
+        **common,
+    }
+    if cfg.src == "synthetic":
+        from pipeline.synth import generate
+
+        root = Path(cfg.root) if cfg.root else synthetic_root(cfg)
+        if not (root / "meta.json").is_file():
+            generate(
+                root,
+                sequences=cfg.synth_sequences,
+                cameras=cfg.synth_cameras,
+                frames=cfg.synth_frames,
+                size=cfg.synth_size,
+                seed=cfg.seed,
+                progress=progress,
+            )
+        return discover_handco(root, source_name="synthetic", **handco)
+    root = cfg.root or os.environ.get("HANCO_ROOT") or "./data/HanCo"
+    return discover_handco(root, **handco)
+
+
+# ------------------------------------------------------------------ Ray workers
+
+_FLOW_IMPLS: dict = {}
+
+
+def _cpu_flow(backend: str):
+    if backend not in _FLOW_IMPLS:
+        import cv2
+
+        cv2.setNumThreads(1)
+        _FLOW_IMPLS[backend] = fl.make_flow(backend)
+    return _FLOW_IMPLS[backend]
+
+
+@ray.remote(num_cpus=1)
+def _track_task(work: str, track: Track, opts: TrackOptions, backend: str) -> dict:
+    return process_track(Path(work), track, opts, _cpu_flow(backend).pairs)[0]
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def _prepare_task(work: str, track: Track, opts: TrackOptions):
+    import cv2
+
+    cv2.setNumThreads(1)
+    return process_frames(Path(work), track, opts)
+
+
+@ray.remote
+class FlowActor:
+    """One RAFT model per actor (one actor per GPU); flow for whole tracks, batched."""
+
+    def __init__(self, raft: fl.RaftConfig):
+        self.flow = fl.RaftFlow(raft)
+
+    def run(self, work: str, track: Track, meta: dict, clips, keep_flow: int) -> dict:
+        flows = [self.flow.pairs(c) if len(c) > 1 else [] for c in clips]
+        return commit_flow(Path(work), track, meta, flows, keep_flow)
+
+
+@ray.remote(num_cpus=1)
+def _shard_task(out: str, work: str, split: str, n: int, jobs: list[dict]) -> dict:
+    return write_planned_shard(Path(out), Path(work), split, n, jobs)
+
+
+def _bounded(submit, items: Sequence, limit: int) -> Iterator[tuple[object, object]]:
+    """Submit ``submit(item) -> ref`` with at most ``limit`` refs in flight; yield (item, value)."""
+    it = iter(items)
+    pending: dict = {}
+    while True:
+        while len(pending) < limit and (item := next(it, None)) is not None:
+            pending[submit(item)] = item
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            yield pending.pop(ref), ray.get(ref)
+
+
+# ------------------------------------------------------------------ stages
+
+
+def _run_tracks(todo, work, opts, backend, raft, cpus, gpus, rt, bar) -> Iterator[tuple]:
+    limit = max(1, 2 * int(min(cpus, rt.workers or cpus)))
+    if backend in fl.CPU_BACKENDS:
+
+        def submit(t):
+            return _track_task.remote(str(work), t, opts, backend)
+
+        for track, meta in _bounded(submit, todo, limit):
+            bar.update(len(track.frames))
+            yield track, meta
+        return
+
+    n_actors = rt.flow_actors or (int(gpus) if gpus >= 1 else 1)
+    actor_opts = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
+    actors = [FlowActor.options(**actor_opts).remote(raft) for _ in range(n_actors)]
+    turn = iter(range(1 << 62))
+
+    def submit(t):  # prepare on a CPU task, then flow on the next actor; frames stay in Ray
+        meta_ref, clips_ref = _prepare_task.remote(str(work), t, opts)
+        actor = actors[next(turn) % n_actors]
+        return actor.run.remote(str(work), t, meta_ref, clips_ref, opts.keep_flow)
+
+    for track, meta in _bounded(submit, todo, limit + 2 * n_actors):
+        bar.update(len(track.frames))
+        yield track, meta
+
+
+def _identity(cfg: BuildConfig, disc: Discovery, backend: str) -> dict:
+    return {"config": {**dataclasses.asdict(cfg), "flow": backend}, "fingerprint": disc.fingerprint}
+
+
+def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
+    """Check ``out`` against this config. True when the build there is already complete."""
+    work = out / ".work"
+    previous = None
+    if (out / "dataset.json").is_file():
+        m = json.loads((out / "dataset.json").read_text())
+        previous = {"config": m.get("build_config"), "fingerprint": m["source"]["fingerprint"]}
+    elif (work / "config.json").is_file():
+        previous = json.loads((work / "config.json").read_text())
+    if out.is_dir():
+        foreign = [
+            p.name
+            for p in out.iterdir()
+            if p.name not in BUILD_FILES and not (p.is_dir() and p.name in ("train", "val"))
+        ]
+        if foreign and previous is None:
+            raise BuildError(f"{out} is not empty and holds no build; choose another --out")
+    if previous is not None and previous != identity:
+        if not overwrite:
+            changed = sorted(
+                k
+                for k in set(previous.get("config") or {}) | set(identity["config"])
+                if (previous.get("config") or {}).get(k) != identity["config"].get(k)
+            )
+            what = ", ".join(changed) or "source data"
+            raise BuildError(
+                f"{out} holds a build with a different configuration ({what}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
+        for name in (*BUILD_FILES, "train", "val"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        previous = None
+    if previous is not None and (out / "dataset.json").is_file():
+        return True
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work / "config.json", identity)
+    return False
+
+
+def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
+    """Run a whole build; returns the summary (also written to OUT/summary.json)."""
+    t0 = time.perf_counter()
+    check_config(cfg)
+    disc = discover(cfg, rt.progress)
+    out = Path(rt.out)
+    work = out / ".work"
+    with ray_session(rt.address, rt.workers) as res:
+        backend = fl.resolve_backend(cfg.flow, res["gpus"])
+        raft = None
+        weights_path = None
+        if backend in fl.RAFT_BACKENDS:
+            raft = fl.RaftConfig(
+                backend, cfg.flow_weights, cfg.flow_precision, cfg.flow_batch, cfg.raft_iters
+            )
+            weights_path = fl.resolve_raft_weights(raft)  # fails fast when the file is missing
+        identity = _identity(cfg, disc, backend)
+        if _prepare_out(out, identity, rt.overwrite):
+            print(f"{out}: already complete; nothing to do")
+            return json.loads((out / "summary.json").read_text())
+        spec = fr.FrameSpec(cfg.size, cfg.flow_size, fr.parse_bg(cfg.bg))
+        opts = TrackOptions(spec, cfg.keep_mask, cfg.keep_flow)
+
+        # Stage 1: tracks (each frame decoded once, each pair's flow once)
+        t1 = time.perf_counter()
+        committed: dict[str, dict] = {}
+        todo = []
+        for t in disc.tracks:
+            meta = load_meta(work, t)
+            if meta is None:
+                todo.append(t)
+            else:
+                committed[t.track_id] = meta
+        total = sum(len(t.frames) for t in disc.tracks)
+        done = sum(len(t.frames) for t in disc.tracks if t.track_id in committed)
+        with tqdm(total=total, initial=done, unit="frame", desc="frames+flow",
+                  disable=not rt.progress, dynamic_ncols=True) as bar:  # fmt: skip
+            for track, meta in _run_tracks(
+                todo, work, opts, backend, raft, res["cpus"], res["gpus"], rt, bar
+            ):
+                committed[track.track_id] = meta
+        t_tracks = time.perf_counter() - t1
+
+        # Stage 2: plan (driver)
+        pairs = [(t, committed[t.track_id]) for t in disc.tracks]
+        plan = make_plan(
+            pairs,
+            window=cfg.window,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            shard_size=cfg.shard_size,
+            max_windows=cfg.max_windows,
+        )
+        if plan.counts["windows"] == 0:
+            raise BuildError(
+                f"no window of {cfg.window} consecutive usable frames in the dataset "
+                f"({plan.counts['frames_kept']} frames kept); see the skip reasons"
+            )
+
+        # Stage 3: shards
+        t3 = time.perf_counter()
+        infos = _write_shards(plan, out, work, cfg, rt, res["cpus"])
+        t_shards = time.perf_counter() - t3
+
+    summary = _finish(out, cfg, disc, plan, committed, infos, backend, weights_path)
+    wall = time.perf_counter() - t0
+    summary.update(
+        wall_s=round(wall, 3),
+        stage_s={"frames_flow": round(t_tracks, 3), "shards": round(t_shards, 3)},
+        frames_per_s=round(summary["frames_input"] / wall, 2) if wall else None,
+    )
+    atomic_write_json(out / "summary.json", summary)
+    if not rt.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _write_shards(plan: Plan, out: Path, work: Path, cfg, rt, cpus) -> dict[tuple[str, int], dict]:
+    infos: dict[tuple[str, int], dict] = {}
+    todo = []
+    for split, shards in plan.shards.items():
+        for n, ws in enumerate(shards):
+            info = done_shard(work, split, n, out)
+            if info is None:
+                jobs = [window_job(w, work, cfg.keep_mask, bool(cfg.keep_flow)) for w in ws]
+                todo.append((split, n, jobs))
+            else:
+                infos[(split, n)] = info
+    limit = max(1, 2 * int(min(cpus, rt.workers or cpus)))
+
+    def submit(item):
+        split, n, jobs = item
+        return _shard_task.remote(str(out), str(work), split, n, jobs)
+
+    total = sum(len(s) for s in plan.shards.values())
+    with tqdm(total=total, initial=len(infos), unit="shard", desc="shards",
+              disable=not rt.progress, dynamic_ncols=True) as bar:  # fmt: skip
+        for (split, n, _), info in _bounded(submit, todo, limit):
+            infos[(split, n)] = info
+            bar.update(1)
+    return infos
+
+
+def _finish(out, cfg, disc, plan, committed, infos, backend, weights_path) -> dict:
+    """Index, skip record, manifest (last). Returns the summary counts."""
+    rows = []
+    for split, shards in plan.shards.items():
+        for n, ws in enumerate(shards):
+            rel = infos[(split, n)]["path"]
+            for pos, w in enumerate(ws):
+                j = w.sample_json()
+                rows.append({**{k: j[k] for k in (
+                    "key", "split", "clip_id", "source", "sequence", "camera", "subject",
+                    "object", "frame_ids", "flow_msq", "weight")}, "shard": rel, "position": pos})  # fmt: skip
+    write_index(out / "index.parquet", rows)
+
+    tracks = {t.track_id: t for t in disc.tracks}
+    skipped = [
+        {"source_path": e.path, "clip_id": e.track_id, "frame_id": e.frame_id, "reason": e.reason}
+        for e in disc.excluded
+    ]
+    for tid, meta in committed.items():
+        for path, fid, reason in meta["skipped"]:
+            skipped.append({"source_path": path, "clip_id": tid, "frame_id": fid, "reason": reason})
+    for track, fids in plan.short_clip_frames:
+        paths = {f.frame_id: f.path for f in track.frames}
+        for fid in fids:
+            skipped.append(
+                {
+                    "source_path": paths[fid],
+                    "clip_id": track.track_id,
+                    "frame_id": fid,
+                    "reason": SHORT_CLIP,
+                }  # fmt: skip
+            )
+    skipped.sort(key=lambda r: (r["clip_id"], r["frame_id"], r["reason"]))
+    write_skipped(out / "skipped.parquet", skipped)
+
+    members = [f"f{k}.png" for k in range(cfg.window)]
+    if cfg.keep_mask and any(m.get("has_masks") for m in committed.values()):
+        members += [f"mask{k}.png" for k in range(cfg.window)]
+    if cfg.keep_flow:
+        members.append("flow.npy")
+    members.append("json")
+    by_reason = Counter(r["reason"] for r in skipped)
+    counts = {
+        **plan.counts,
+        "frames_input": sum(m["n_input"] for m in committed.values()),
+        "frames_excluded": len(disc.excluded),
+        "frames_skipped": len(skipped) - len(disc.excluded),
+    }
+    flow_side = cfg.flow_size or _first_flow_side(committed, tracks)
+    splits = {}
+    for split, shards in plan.shards.items():
+        entries = [infos[(split, n)] for n in range(len(shards))]
+        splits[split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
+    manifest = {
+        "spec_version": SPEC_VERSION,
+        "window": cfg.window,
+        "image_size": cfg.size,
+        "flow_size": flow_side,
+        "members": members,
+        "code_version": _code_version(),
+        "build_config": {**dataclasses.asdict(cfg), "flow": backend},
+        "source": {"kind": cfg.src, "root": disc.root, "fingerprint": disc.fingerprint},
+        "splits": splits,
+        "flow": {
+            "backend": backend,
+            "weights": weights_path if backend in fl.RAFT_BACKENDS else None,
+            "weights_sha256": fl.file_sha256(weights_path),
+            "random_weights": backend in fl.RAFT_BACKENDS and weights_path is None,
+            "sigma": plan.sigma,
+            "sigma_rule": "median flow_msq over the train split's adjacent pairs",
+            "stats": plan.flow_stats["train"]
+            if plan.flow_stats["train"]["count"]
+            else plan.flow_stats["val"],
+        },
+        "counts": {**counts, **{f"skipped_{k}": v for k, v in sorted(by_reason.items())}},
+    }
+    write_manifest(out / "dataset.json", manifest)
+    return {
+        **counts,
+        "splits": {s: v["samples"] for s, v in splits.items()},
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "sigma": plan.sigma,
+        "flow_backend": backend,
+        "out": str(out),
+    }
+
+
+def _first_flow_side(committed: dict, tracks: dict) -> int:
+    for meta in committed.values():
+        if meta.get("flow_side"):
+            return int(meta["flow_side"])
+    return 0
+
+
+def _code_version() -> str:
+    try:
+        return metadata.version("framebridge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def format_summary(s: dict) -> str:
+    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped_by_reason"].items()) or "none"
+    splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
+    return "\n".join(
+        [
+            f"built {s['out']}: {s['windows']} windows ({splits}) in {s['shards']} shards",
+            f"  clips {s['clips']}  frames in {s['frames_input']}  kept {s['frames_kept']}  "
+            f"pairs {s['pairs']}  flow {s['flow_backend']}  sigma {s['sigma']:.4g}",
+            f"  skipped/excluded: {skipped}",
+            f"  wall {s.get('wall_s', 0):.1f} s, {s.get('frames_per_s') or 0:.1f} frames/s",
+        ]
+    )
