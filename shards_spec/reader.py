@@ -9,11 +9,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+from PIL import Image
 
 from .format import (
     FLOW_MEMBER,
@@ -42,17 +42,19 @@ def refuse_forbidden(sample: dict) -> dict:
 
 
 def decode_png(data: bytes, what: str = "image") -> np.ndarray:
-    """Decode PNG bytes to uint8 RGB ``HxWx3`` (colour) or ``HxW`` (single channel)."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise SpecError(f"{what}: not a decodable PNG")
-    if img.dtype != np.uint8:
-        raise SpecError(f"{what}: expected 8-bit pixels, got {img.dtype}")
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
-    return img
+    """Decode 8-bit PNG bytes to uint8 RGB ``HxWx3`` or single-channel ``HxW``.
+
+    Other PNG modes (palette, alpha, 16-bit) raise SpecError naming the mode.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+            img.load()
+            mode, pixels = img.mode, np.asarray(img).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise SpecError(f"{what}: not a decodable PNG ({exc})") from exc
+    if mode not in ("RGB", "L"):
+        raise SpecError(f"{what}: PNG mode {mode}, expected RGB or L (8-bit)")
+    return pixels
 
 
 def load_npy(data: bytes, what: str = "array") -> np.ndarray:

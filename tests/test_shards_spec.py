@@ -1,0 +1,195 @@
+"""Round trip, determinism and safety of the shard format."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+from shardutil import edit_shard, make_build, make_samples
+
+import shards_spec
+from shards_spec import SPEC_VERSION, SpecError, open_build, validate
+from shards_spec.format import (
+    INDEX_SCHEMA,
+    frame_member,
+    load_schema,
+    mask_member,
+    shard_path,
+)
+from shards_spec.reader import load_npy
+from shards_spec.validate import main as validate_main
+from shards_spec.writer import (
+    encode_npy,
+    encode_png,
+    sha256_file,
+    write_index,
+    write_manifest,
+    write_shard,
+)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    return make_build(tmp_path_factory.mktemp("b"), with_flow=True, with_masks=True)
+
+
+def test_public_api():
+    assert shards_spec.SPEC_VERSION == SPEC_VERSION == "1.0"
+    assert shards_spec.open_build is open_build and shards_spec.validate is validate
+    assert shard_path("train", 3) == "train/train-000003.tar"
+    assert frame_member(2) == "f2.png" and mask_member(0) == "mask0.png"
+    assert load_schema("dataset")["type"] == "object"
+    assert "frame_ids" in load_schema("sample")["required"]
+
+
+def test_round_trip(build):
+    expected = {s["key"]: s for s in make_samples(with_flow=True, with_masks=True)}
+    b = open_build(build)
+    assert b.window == 3 and b.splits == ["train", "val"]
+    assert (b.count("train"), b.count("val")) == (6, 3)
+    assert b.urls("train") == [
+        str(build / "train/train-000000.tar"),
+        str(build / "train/train-000001.tar"),
+    ]
+    seen = []
+    for split in b.splits:
+        for s in b.samples(split):
+            want = expected[s["key"]]
+            assert want["split"] == split
+            for got, ref in zip(s["frames"], want["frames"], strict=True):
+                assert got.dtype == np.uint8 and np.array_equal(got, ref)
+            for got, ref in zip(s["masks"], want["masks"], strict=True):
+                assert got.shape == (32, 32) and np.array_equal(got, ref)
+            assert s["flow"].dtype == np.float16 and np.array_equal(s["flow"], want["flow"])
+            assert {k: v for k, v in s["meta"].items() if k != "weight"} == want["meta"]
+            assert s["meta"]["weight"] == pytest.approx(
+                np.exp(-np.array(want["meta"]["flow_msq"]) / b.manifest["flow"]["sigma"])
+            )
+            seen.append(s["key"])
+    table = b.index()
+    assert table.schema.equals(INDEX_SCHEMA)
+    assert table.column("key").to_pylist() == seen
+    assert table.column("position").to_pylist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
+    assert validate(build) == []
+
+
+def test_shuffle_is_seeded_permutation(build):
+    b = open_build(build)
+    order = [s["key"] for s in b.samples("train")]
+    a = [s["key"] for s in b.samples("train", shuffle=True, seed=3, bufsize=4)]
+    c = [s["key"] for s in b.samples("train", shuffle=True, seed=3, bufsize=4)]
+    assert a == c and sorted(a) == sorted(order)
+
+
+def test_webdataset_pipeline_is_raw(build):
+    raw = list(open_build(build).webdataset("val"))
+    assert len(raw) == 3 and isinstance(raw[0]["f0.png"], bytes)
+    assert json.loads(raw[0]["json"])["split"] == "val"
+
+
+def test_build_is_byte_reproducible(tmp_path):
+    a = make_build(tmp_path, name="a", with_flow=True)
+    b = make_build(tmp_path, name="b", with_flow=True)
+    files = ["dataset.json", "index.parquet", "skipped.parquet", *open_build(a).urls("train")]
+    for f in files:
+        rel = (a / f).relative_to(a)
+        assert sha256_file(a / rel) == sha256_file(b / rel), rel
+
+
+def test_write_shard_deterministic(tmp_path):
+    img = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    sample = {"__key__": "k-1", "f0.png": encode_png(img), "json": {"b": 1, "a": [1, 2]}}
+    one = write_shard(tmp_path / "one.tar", [sample])
+    two = write_shard(tmp_path / "two.tar", [dict(sample)])
+    assert one["sha256"] == two["sha256"] and one["samples"] == 1
+    assert (
+        one["path"] == str(tmp_path / "one.tar")
+        and one["bytes"] == (tmp_path / "one.tar").stat().st_size
+    )
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+@pytest.mark.parametrize("ext", ["pickle", "pkl", "pyd", "pt", "pth", "state.pth"])
+def test_writer_refuses_pickle_like(tmp_path, ext):
+    with pytest.raises(SpecError, match="pickle"):
+        write_shard(tmp_path / "x.tar", [{"__key__": "k", ext: b"x"}])
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_writer_refuses_dotted_key(tmp_path):
+    with pytest.raises(SpecError, match="no dots"):
+        write_shard(tmp_path / "x.tar", [{"__key__": "a.b", "json": b"{}"}])
+
+
+def test_reader_refuses_pickle_member(tmp_path):
+    root = make_build(tmp_path, n_val=0)
+    rel = "train/train-000000.tar"
+    payload = pickle.dumps({"x": 1})
+    edit_shard(root, rel, lambda m: m[:1] + [(m[0][0].split(".")[0] + ".pkl", payload)] + m[1:])
+    with pytest.raises(SpecError, match="pickle-like member .*pkl"):
+        list(open_build(root).samples("train"))
+    with pytest.raises(SpecError, match="pickle-like"):
+        list(open_build(root).webdataset("train"))
+
+
+def test_npy_never_unpickles():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SpecError, match="plain .npy"):
+        load_npy(buf.getvalue())
+    with pytest.raises(SpecError):
+        encode_npy(np.array([None], dtype=object))
+
+
+def _set_version(root, version):
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["spec_version"] = version
+    (root / "dataset.json").write_text(json.dumps(manifest))
+
+
+def test_reader_refuses_unknown_major(tmp_path):
+    root = make_build(tmp_path)
+    _set_version(root, "2.0")
+    with pytest.raises(SpecError, match=r"unsupported shard format version 2\.0"):
+        open_build(root)
+    assert any("unsupported shard format version" in p for p in validate(root))
+
+
+def test_reader_accepts_newer_minor(tmp_path):
+    root = make_build(tmp_path)
+    _set_version(root, "1.7")
+    assert open_build(root).count("train") == 6
+
+
+def test_missing_or_bad_manifest(tmp_path):
+    with pytest.raises(SpecError, match="dataset.json is missing"):
+        open_build(tmp_path)
+    (tmp_path / "dataset.json").write_text("{")
+    with pytest.raises(SpecError, match="not valid JSON"):
+        open_build(tmp_path)
+
+
+def test_write_manifest_validates_first(build, tmp_path):
+    manifest = json.loads((build / "dataset.json").read_text())
+    manifest["window"] = 1
+    with pytest.raises(SpecError, match="dataset.json window: 1 is less than the minimum of 2"):
+        write_manifest(tmp_path / "dataset.json", manifest)
+    assert not (tmp_path / "dataset.json").exists()
+
+
+def test_write_index_rejects_bad_rows(tmp_path):
+    with pytest.raises(SpecError, match="lacks column"):
+        write_index(tmp_path / "index.parquet", [{"key": "a"}])
+
+
+def test_unknown_split(build):
+    with pytest.raises(SpecError, match="unknown split 'test'"):
+        open_build(build).urls("test")
+
+
+def test_validate_main(build, capsys):
+    assert validate_main([str(build)]) == 0
+    assert capsys.readouterr().out.strip() == "valid: 9 samples in 3 shards"

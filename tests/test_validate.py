@@ -1,0 +1,158 @@
+"""The validator reports each kind of damage as a problem line (never an exception)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from shardutil import edit_shard, make_build
+
+from shards_spec import validate
+from shards_spec.validate import main as validate_main
+from shards_spec.writer import encode_png, write_index
+
+SHARD = "train/train-000000.tar"
+KEY = "0000-cam0-00000000"
+
+
+@pytest.fixture
+def root(tmp_path):
+    path = make_build(tmp_path, with_flow=True)
+    assert validate(path) == []
+    return path
+
+
+def _has(problems: list[str], *parts: str) -> bool:
+    return any(all(p in line for p in parts) for line in problems)
+
+
+def test_truncated_tar(root):
+    path = root / SHARD
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    problems = validate(root)
+    assert _has(problems, SHARD, "truncated tar")
+    assert _has(problems, SHARD, "sha256 mismatch")
+
+
+def test_flipped_byte(root):
+    path = root / SHARD
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0x01  # inside the first PNG's data
+    path.write_bytes(bytes(data))
+    problems = validate(root)
+    assert _has(problems, SHARD, "sha256 mismatch")
+
+
+def test_missing_member(root):
+    edit_shard(root, SHARD, lambda ms: [m for m in ms if m[0] != f"{KEY}.f1.png"])
+    assert f"{SHARD} sample {KEY}: missing member f1.png" in validate(root)
+
+
+def test_extra_pickle_member(root):
+    payload = pickle.dumps([1, 2, 3])
+    edit_shard(root, SHARD, lambda ms: ms[:2] + [(f"{KEY}.pickle", payload)] + ms[2:])
+    problems = validate(root)
+    assert f"{SHARD} sample {KEY}: pickle-like member {KEY}.pickle is forbidden" in problems
+
+
+def test_unknown_extra_member(root):
+    edit_shard(root, SHARD, lambda ms: ms[:2] + [(f"{KEY}.depth.png", b"x")] + ms[2:])
+    assert _has(validate(root), KEY, "unexpected member", "depth.png")
+
+
+def test_wrong_image_shape(root):
+    small = encode_png(np.zeros((16, 16, 3), np.uint8))
+    edit_shard(root, SHARD, lambda ms: [(n, small if n == f"{KEY}.f0.png" else d) for n, d in ms])
+    problems = validate(root)
+    line = f"{SHARD} sample {KEY}: f0.png has shape (16, 16, 3) uint8, expected (32, 32, 3) uint8"
+    assert line in problems
+    assert line in validate(root, decode=False)
+
+
+def test_grey_frame_is_wrong_shape(root):
+    grey = encode_png(np.zeros((32, 32), np.uint8))
+    edit_shard(root, SHARD, lambda ms: [(n, grey if n == f"{KEY}.f2.png" else d) for n, d in ms])
+    assert _has(validate(root), KEY, "f2.png has shape (32, 32)")
+
+
+def test_wrong_flow_shape(root):
+    def edit(ms):
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((2, 2, 4, 4), np.float32))
+        return [(n, buf.getvalue() if n == f"{KEY}.flow.npy" else d) for n, d in ms]
+
+    edit_shard(root, SHARD, edit)
+    assert _has(
+        validate(root), KEY, "flow.npy is float32(2, 2, 4, 4), expected float16(2, 2, 8, 8)"
+    )
+
+
+def test_json_split_and_schema(root):
+    def edit(ms):
+        out = []
+        for n, d in ms:
+            if n == f"{KEY}.json":
+                meta = json.loads(d)
+                meta["split"] = "val"
+                d = json.dumps(meta).encode()
+            elif n.endswith(".json"):
+                meta = json.loads(d)
+                del meta["clip_id"]
+                d = json.dumps(meta).encode()
+            out.append((n, d))
+        return out
+
+    edit_shard(root, SHARD, edit)
+    problems = validate(root)
+    assert _has(problems, KEY, "json split 'val' differs from shard split 'train'")
+    assert _has(problems, "'clip_id' is a required property")
+
+
+def test_index_row_without_sample(root):
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    ghost = dict(rows[-1], key="9999-cam0-00000000", position=7)
+    write_index(root / "index.parquet", [*rows, ghost])
+    problems = validate(root)
+    assert _has(
+        problems, "index.parquet", "no sample 9999-cam0-00000000 at val/val-000000.tar position 7"
+    )
+    assert _has(problems, "index.parquet", "4 rows for split val, manifest says 3")
+
+
+def test_sample_without_index_row(root):
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    write_index(root / "index.parquet", rows[1:])
+    assert _has(validate(root), f"index.parquet: no row for sample {KEY}")
+
+
+def test_shard_not_in_manifest(root):
+    shutil.copy(root / SHARD, root / "train/train-000009.tar")
+    assert "train/train-000009.tar: shard not in manifest" in validate(root)
+
+
+def test_missing_shard_file(root):
+    (root / "val/val-000000.tar").unlink()
+    problems = validate(root)
+    assert "val/val-000000.tar: shard file missing" in problems
+
+
+def test_sample_count_mismatch(root):
+    edit_shard(root, SHARD, lambda ms: [m for m in ms if not m[0].startswith(KEY)])
+    assert _has(validate(root), SHARD, "holds 3 samples, manifest says 4")
+
+
+def test_missing_manifest(tmp_path):
+    assert _has(validate(tmp_path), "dataset.json: missing")
+
+
+def test_main_reports_problems(root, capsys):
+    (root / "val/val-000000.tar").unlink()
+    assert validate_main([str(root)]) == 1
+    assert "val/val-000000.tar: shard file missing" in capsys.readouterr().out
