@@ -94,7 +94,7 @@ class _Context:
     def __init__(self, manifest: dict, decode: bool) -> None:
         self.window = int(manifest["window"])
         self.size = int(manifest["image_size"])
-        self.flow_size = int(manifest["flow_size"])
+        self.flow_shape: tuple[int, ...] | None = None
         self.members = list(manifest["members"])
         self.sigma = float(manifest["flow"]["sigma"])
         self.decode = decode
@@ -144,11 +144,17 @@ def _check_flow(ctx: _Context, where: str, data: bytes, problems: Problems) -> N
     except SpecError as exc:
         problems.add(f"{where}: {exc}")
         return
-    expected = (ctx.window - 1, 2, ctx.flow_size, ctx.flow_size)
-    if flow.shape != expected or flow.dtype != np.float16:
+    k = ctx.window - 1
+    shape = flow.shape
+    if flow.dtype != np.float16 or flow.ndim != 4 or shape[:2] != (k, 2) or min(shape) < 1:
         problems.add(
-            f"{where}: {FLOW_MEMBER} is {flow.dtype}{flow.shape}, expected float16{expected}"
+            f"{where}: {FLOW_MEMBER} is {flow.dtype}{shape}, expected float16({k}, 2, h, w)"
         )
+        return
+    if ctx.flow_shape is None:
+        ctx.flow_shape = shape
+    elif shape != ctx.flow_shape:
+        problems.add(f"{where}: {FLOW_MEMBER} has shape {shape}, other samples {ctx.flow_shape}")
         return
     if ctx.decode and not np.isfinite(flow).all():
         problems.add(f"{where}: {FLOW_MEMBER} has non-finite values")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
@@ -82,16 +83,24 @@ def test_grey_frame_is_wrong_shape(root):
 
 def test_wrong_flow_shape(root):
     def edit(ms):
-        import io
-
         buf = io.BytesIO()
         np.save(buf, np.zeros((2, 2, 4, 4), np.float32))
         return [(n, buf.getvalue() if n == f"{KEY}.flow.npy" else d) for n, d in ms]
 
     edit_shard(root, SHARD, edit)
     assert _has(
-        validate(root), KEY, "flow.npy is float32(2, 2, 4, 4), expected float16(2, 2, 8, 8)"
+        validate(root), KEY, "flow.npy is float32(2, 2, 4, 4), expected float16(2, 2, h, w)"
     )
+
+
+def test_flow_shape_differs_between_samples(root):
+    def edit(ms):
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((2, 2, 4, 4), np.float16))
+        return [(n, buf.getvalue() if n == f"{KEY}.flow.npy" else d) for n, d in ms]
+
+    edit_shard(root, SHARD, edit)
+    assert _has(validate(root), "flow.npy has shape (2, 2, 8, 8), other samples (2, 2, 4, 4)")
 
 
 def test_json_split_and_schema(root):
