@@ -193,3 +193,22 @@ def test_unknown_split(build):
 def test_validate_main(build, capsys):
     assert validate_main([str(build)]) == 0
     assert capsys.readouterr().out.strip() == "valid: 9 samples in 3 shards"
+
+
+def test_spec_example_runs(build):
+    from importlib import resources
+
+    text = resources.files("shards_spec").joinpath("SPEC.md").read_text()
+    assert text.startswith("# Shard format 1.0")
+    code = text.split("```python\n")[-1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, "SPEC.md", "exec"), scope)
+    triplets = list(scope["interpolation_triplets"](build))
+    assert len(triplets) == 6 and triplets[0][0].shape == (32, 32, 3)
+    pairs = list(scope["still_pairs"](build, max_flow_msq=1e9))
+    assert len(pairs) == 12
+    sigma = open_build(build).manifest["flow"]["sigma"]
+    calm = scope["calm_windows"](build, max_flow_msq=sigma)
+    index = open_build(build).index().to_pylist()
+    assert calm == [r["key"] for r in index if max(r["flow_msq"]) <= sigma]
+    assert 0 < len(calm) < len(index)
