@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -111,6 +112,30 @@ def raw_samples(urls: Iterable[str]) -> Iterator[dict]:
     return iter(pipeline)
 
 
+def _pick(samples: Iterator[dict], shard: str, positions: list[int]) -> Iterator[dict]:
+    ascending = all(a < b for a, b in zip(positions[:-1], positions[1:], strict=True))
+    wanted = set(positions)
+    found: dict[int, dict] = {}
+    last = max(positions)
+    try:
+        for position, raw in enumerate(samples):
+            if position in wanted:
+                if ascending:
+                    yield raw
+                else:
+                    found[position] = raw
+            if position == last:
+                break
+        else:
+            raise SpecError(f"{shard} has no sample at position {last}")
+    finally:
+        close = getattr(samples, "close", None)
+        if close is not None:
+            close()
+    if not ascending:
+        yield from (found[p] for p in positions)
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """Load and check ``dataset.json`` of the build at `path` (raises a one-line SpecError)."""
     file = Path(path) / MANIFEST_NAME
@@ -178,6 +203,22 @@ class Build:
     def index(self) -> pa.Table:
         """The index table (one row per sample)."""
         return pq.read_table(self.path / INDEX_NAME)
+
+    def raw_at(self, wanted: Iterable[tuple[str, int]]) -> Iterator[dict]:
+        """Raw samples at ``(shard, position)`` pairs, in the order given.
+
+        Consecutive requests for one shard are served by one pass over it; ascending positions
+        stream, others are buffered for that shard only.
+        """
+        known = self._shard_paths()
+        for shard, group in itertools.groupby(wanted, key=lambda item: item[0]):
+            positions = [int(p) for _, p in group]
+            if shard not in known:
+                raise SpecError(f"shard {shard} is not in this build's manifest")
+            yield from _pick(raw_samples([str(self.path / shard)]), shard, positions)
+
+    def _shard_paths(self) -> set[str]:
+        return {e["path"] for info in self.manifest["splits"].values() for e in info["shards"]}
 
     def webdataset(
         self, split: str, shuffle: bool = False, seed: int = 0, bufsize: int = 1000

@@ -1,0 +1,153 @@
+"""Look at a build: counts per split, a flow_msq histogram and a grid of random windows."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from matplotlib.figure import Figure
+
+from shards_spec.format import distinct_pair_values
+from shards_spec.reader import decode_sample, open_build
+from shards_spec.writer import atomic_write_bytes, encode_png
+
+TILE_MIN = 128  # frames smaller than this are enlarged (nearest) so the labels stay readable
+BAND = 20  # height of the text bands above and below each row
+HIST_BINS = 40
+
+
+def _hist_png(values_by_split: dict[str, list[float]], sigma: float) -> tuple[bytes, dict]:
+    every = np.concatenate([np.asarray(v, float) for v in values_by_split.values()] or [[]])
+    top = float(np.percentile(every, 99.5)) if every.size else 1.0
+    edges = np.linspace(0.0, max(top, sigma * 2, 1e-6), HIST_BINS + 1)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
+    counts = {}
+    for split, values in values_by_split.items():
+        clipped = np.clip(np.asarray(values, float), edges[0], edges[-1])
+        counts[split] = np.histogram(clipped, bins=edges)[0].tolist()
+        ax.hist(clipped, bins=edges, histtype="step", label=f"{split} ({len(values)} pairs)")
+    ax.axvline(sigma, color="k", linestyle="--", linewidth=1, label=f"sigma = {sigma:.3g}")
+    ax.set_xlabel("flow_msq (pixels^2 at flow_size; last bin holds the tail)")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue(), {"bins": edges.tolist(), "counts": counts}
+
+
+def _label(img: np.ndarray, text: str, center_x: int | None, left: int, baseline: int) -> None:
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+    (width, _), _ = cv2.getTextSize(text, font, scale, 1)
+    x = left if center_x is None else max(0, center_x - width // 2)
+    cv2.putText(img, text, (x, baseline), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def _grid(samples: list[dict], window: int, size: int) -> np.ndarray:
+    """Rows of K frames; the key above each row, weight and flow_msq of each pair below it."""
+    tile = max(size, TILE_MIN)
+    row_h = BAND + tile + BAND
+    grid = np.full((max(1, len(samples)) * row_h, window * tile, 3), 32, np.uint8)
+    for r, s in enumerate(samples):
+        top = r * row_h
+        _label(grid, s["key"], None, 4, top + BAND - 7)
+        for k, frame in enumerate(s["frames"]):
+            big = cv2.resize(frame, (tile, tile), interpolation=cv2.INTER_NEAREST)
+            grid[top + BAND : top + BAND + tile, k * tile : (k + 1) * tile] = big
+        meta = s["meta"]
+        for k, (w, d) in enumerate(zip(meta["weight"], meta["flow_msq"], strict=True)):
+            text = f"w {w:.2f}  d {d:.3g}"
+            _label(grid, text, (k + 1) * tile, 0, top + row_h - 7)
+    return grid
+
+
+def inspect_build(
+    path: str | os.PathLike, out_png: str | None = None, n: int = 16, seed: int = 0
+) -> dict:
+    """Counts, a flow_msq histogram PNG and a PNG grid of `n` seeded random windows.
+
+    The grid goes to `out_png` (default ``<build>/inspect.png``), the histogram beside it as
+    ``<stem>_flow_hist.png``. Returns a report dict (see format_inspect).
+    """
+    build = open_build(path)
+    rows = build.index().to_pylist()
+    grid_path = Path(out_png) if out_png else build.path / "inspect.png"
+    hist_path = grid_path.with_name(f"{grid_path.stem}_flow_hist.png")
+
+    splits = build.splits
+    values = {s: distinct_pair_values(r for r in rows if r["split"] == s) for s in splits}
+    sigma = float(build.manifest["flow"]["sigma"])
+    hist_bytes, hist = _hist_png(values, sigma)
+    atomic_write_bytes(hist_path, hist_bytes)
+
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False).tolist())
+    raw = build.raw_at((rows[i]["shard"], rows[i]["position"]) for i in picked)
+    samples = [decode_sample(r, build.window) for r in raw]
+    grid = _grid(samples, build.window, build.image_size)
+    atomic_write_bytes(grid_path, encode_png(grid))
+
+    weights = {s: [w for r in rows if r["split"] == s for w in r["weight"]] for s in splits}
+    return {
+        "path": str(build.path),
+        "spec_version": build.manifest["spec_version"],
+        "window": build.window,
+        "image_size": build.image_size,
+        "members": build.members,
+        "counts": {s: build.count(s) for s in splits},
+        "index_rows": {s: sum(r["split"] == s for r in rows) for s in splits},
+        "shards": {s: len(build.urls(s)) for s in splits},
+        "pairs": {s: len(v) for s, v in values.items()},
+        "mean_weight": {s: float(np.mean(w)) if w else None for s, w in weights.items()},
+        "sigma": sigma,
+        "flow_backend": build.manifest["flow"]["backend"],
+        "flow_stats": build.manifest["flow"]["stats"],
+        "hist": hist,
+        "shown": [s["key"] for s in samples],
+        "grid_png": str(grid_path),
+        "hist_png": str(hist_path),
+    }
+
+
+def format_inspect(report: dict) -> str:
+    """A short human summary of an inspect report."""
+    lines = [
+        f"build {report['path']} (format {report['spec_version']}, K={report['window']}, "
+        f"{report['image_size']}px, members {' '.join(report['members'])})"
+    ]
+    for split, count in report["counts"].items():
+        mean_w = report["mean_weight"][split]
+        shown_w = "n/a" if mean_w is None else f"{mean_w:.3f}"
+        lines.append(
+            f"  {split}: {count} windows in {report['shards'][split]} shards, "
+            f"{report['pairs'][split]} distinct pairs, mean weight {shown_w}"
+        )
+    stats = report["flow_stats"]
+    p = stats["percentiles"]
+    if stats["count"]:
+        lines.append(
+            f"  flow {report['flow_backend']}: sigma {report['sigma']:.4g}; flow_msq p5 "
+            f"{p['p5']:.3g}  p50 {p['p50']:.3g}  p95 {p['p95']:.3g}  max {stats['max']:.3g}"
+        )
+    else:
+        lines.append(f"  flow {report['flow_backend']}: sigma {report['sigma']:.4g}; no stats")
+    lines.append(f"  grid: {report['grid_png']} ({len(report['shown'])} windows)")
+    lines.append(f"  flow histogram: {report['hist_png']}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="build folder")
+    parser.add_argument("--out", help="grid PNG path (default: <build>/inspect.png)")
+    parser.add_argument("--n", type=int, default=16, help="windows in the grid (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(format_inspect(inspect_build(args.path, args.out, n=args.n, seed=args.seed)))
+    return 0

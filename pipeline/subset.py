@@ -1,0 +1,312 @@
+"""Derive a smaller build from an existing one through its index, without recomputing flow.
+
+Rows are filtered by split and by a small ``where`` expression, ``n`` of them are drawn with a
+seeded RNG (index order is kept), and the chosen samples' member bytes are copied unchanged into
+new shards with a new index and manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import operator
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shards_spec.format import (
+    INDEX_NAME,
+    INDEX_SCHEMA,
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    SUMMARY_NAME,
+    distinct_pair_values,
+    flow_stats,
+    shard_path,
+)
+from shards_spec.reader import open_build
+from shards_spec.writer import write_index, write_manifest, write_shard
+
+
+class WhereError(ValueError):
+    """A ``where`` expression that does not parse or names an unknown column."""
+
+
+OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+LIST_COLUMNS = {"frame_ids", "flow_msq", "weight"}
+NUMERIC_COLUMNS = {"position", "sequence", "camera"} | LIST_COLUMNS
+COLUMNS = tuple(INDEX_SCHEMA.names)
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<num>[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)
+      | (?P<str>'[^']*'|"[^"]*")
+      | (?P<op><=|>=|==|!=|<|>)
+      | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+    )""",
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``column op value``; for list columns every element must satisfy it."""
+
+    column: str
+    op: str
+    value: float | str
+
+    def holds(self, cell: Any) -> bool:
+        if cell is None:
+            return False
+        test = OPS[self.op]
+        if self.column in LIST_COLUMNS:
+            return all(v is not None and test(v, self.value) for v in cell)
+        return bool(test(cell, self.value))
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out, pos, text = [], 0, text.strip()
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if not match or match.end() == pos:
+            raise WhereError(f"where: cannot parse {text[pos:]!r}")
+        kind = match.lastgroup
+        out.append((kind, match.group(kind)))
+        pos = match.end()
+    return out
+
+
+def parse_where(text: str) -> list[Condition]:
+    """Parse ``COLUMN OP VALUE [and COLUMN OP VALUE ...]`` (no eval).
+
+    OP is one of ``< <= > >= == !=``; VALUE a number or a quoted string.
+    """
+    tokens = _tokens(text)
+    if not tokens:
+        raise WhereError("where: empty expression")
+    conditions, i = [], 0
+    while True:
+        conditions.append(_condition(tokens[i : i + 3]))
+        i += 3
+        if i == len(tokens):
+            return conditions
+        kind, word = tokens[i]
+        if kind != "name" or word.lower() != "and":
+            raise WhereError(f"where: expected 'and' before {word!r}")
+        i += 1
+        if i == len(tokens):
+            raise WhereError("where: expression ends with 'and'")
+
+
+def _condition(part: list[tuple[str, str]]) -> Condition:
+    kinds = [k for k, _ in part]
+    if len(part) < 3 or kinds[0] != "name" or kinds[1] != "op" or kinds[2] not in ("num", "str"):
+        shown = " ".join(v for _, v in part)
+        raise WhereError(f"where: expected 'COLUMN OP VALUE', got {shown!r}")
+    (_, column), (_, op), (kind, raw) = part
+    if column not in COLUMNS:
+        raise WhereError(f"where: unknown column {column!r}; columns are {', '.join(COLUMNS)}")
+    numeric = column in NUMERIC_COLUMNS
+    if numeric and kind != "num":
+        raise WhereError(f"where: column {column} is numeric; compare it with a number")
+    if not numeric and kind != "str":
+        raise WhereError(f"where: column {column} holds text; compare it with a 'quoted' string")
+    return Condition(column, op, float(raw) if kind == "num" else raw[1:-1])
+
+
+def select_rows(
+    rows: list[dict],
+    split: str | None = None,
+    where: str | None = None,
+    n: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Indices of the chosen index rows, ascending (index order kept)."""
+    conditions = parse_where(where) if where else []
+    keep = [
+        i
+        for i, row in enumerate(rows)
+        if (split is None or row["split"] == split)
+        and all(c.holds(row[c.column]) for c in conditions)
+    ]
+    if n is None:
+        return keep
+    if n < 0:
+        raise ValueError(f"--n must be >= 0, not {n}")
+    if n > len(keep):
+        raise ValueError(f"--n {n} but only {len(keep)} rows match")
+    picked = np.random.default_rng(seed).choice(len(keep), size=n, replace=False)
+    return [keep[i] for i in sorted(picked.tolist())]
+
+
+BUILD_FILES = (MANIFEST_NAME, INDEX_NAME, SKIPPED_NAME, SUMMARY_NAME)
+
+
+def _prepare_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"--out {out} must lie outside the source build {src}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--out {out} is not empty; pass --overwrite to replace it")
+        if not (out / MANIFEST_NAME).is_file():
+            raise ValueError(f"--out {out} is not empty and not a build; refusing to overwrite it")
+        (out / MANIFEST_NAME).unlink()  # first, so an interrupted run leaves no valid build
+        for name in BUILD_FILES:
+            (out / name).unlink(missing_ok=True)
+        for tar in out.glob("*/*.tar"):
+            tar.unlink()
+        for folder in out.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _fingerprint(src: Path) -> str:
+    return hashlib.sha256((src / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def _counts(rows: list[dict]) -> dict:
+    return {
+        "windows": len(rows),
+        "clips": len({r["clip_id"] for r in rows}),
+        "frames": len({(r["clip_id"], f) for r in rows for f in r["frame_ids"]}),
+        "pairs": len(distinct_pair_values(rows)),
+    }
+
+
+def subset_build(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    split: str | None = None,
+    n: int | None = None,
+    where: str | None = None,
+    seed: int = 0,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+) -> dict:
+    """Write a new build at `out` holding the chosen samples of `src`; return a summary."""
+    if shard_size < 1:
+        raise ValueError("--shard-size must be at least 1")
+    source = open_build(src)
+    if split is not None and split not in source.splits:
+        raise ValueError(f"--split {split!r} is not in the build (has {', '.join(source.splits)})")
+    all_rows = source.index().select(COLUMNS).to_pylist()
+    chosen = [all_rows[i] for i in select_rows(all_rows, split, where, n, seed)]
+    if not chosen:
+        raise ValueError("no samples match; nothing to write")
+    src_path, out_path = Path(source.path), Path(out)
+    _prepare_out(src_path, out_path, overwrite)
+
+    fetched = source.raw_at((r["shard"], r["position"]) for r in chosen)
+    splits: dict[str, dict] = {}
+    new_rows: list[dict] = []
+    for name, group in itertools.groupby(chosen, key=lambda r: r["split"]):
+        rows = list(group)
+        entries = []
+        for number, start in enumerate(range(0, len(rows), shard_size)):
+            part = rows[start : start + shard_size]
+            rel = shard_path(name, number)
+            samples = _checked(itertools.islice(fetched, len(part)), part)
+            entries.append({**write_shard(out_path / rel, samples), "path": rel})
+            new_rows += [{**r, "shard": rel, "position": p} for p, r in enumerate(part)]
+        splits[name] = {"samples": len(rows), "shards": entries}
+    write_index(out_path / INDEX_NAME, new_rows)
+
+    manifest = copy.deepcopy(source.manifest)
+    manifest["splits"] = splits
+    manifest["counts"] = _counts(new_rows)
+    manifest["flow"]["stats"] = flow_stats(
+        distinct_pair_values(r for r in new_rows if r["split"] == "train")
+    )
+    manifest["build_config"] = {
+        "subset_of": {
+            "path": str(src_path),
+            "fingerprint": _fingerprint(src_path),
+            "source": source.manifest["source"],
+            "build_config": source.manifest["build_config"],
+        },
+        "split": split,
+        "n": n,
+        "where": where,
+        "seed": seed,
+        "shard_size": shard_size,
+    }
+    write_manifest(out_path / MANIFEST_NAME, manifest)
+    return {
+        "out": str(out_path),
+        "source": str(src_path),
+        "source_samples": len(all_rows),
+        "samples": len(new_rows),
+        "splits": {s: v["samples"] for s, v in splits.items()},
+        "shards": sum(len(v["shards"]) for v in splits.values()),
+        "flow_stats": manifest["flow"]["stats"],
+    }
+
+
+def _checked(samples, rows: list[dict]):
+    for raw, row in zip(samples, rows, strict=True):
+        if raw["__key__"] != row["key"]:
+            raise ValueError(
+                f"index and shard disagree: {row['shard']} position {row['position']} holds "
+                f"{raw['__key__']}, index says {row['key']}"
+            )
+        yield raw
+
+
+def format_summary(summary: dict) -> str:
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    return (
+        f"subset {summary['out']}: {summary['samples']} of {summary['source_samples']} samples "
+        f"({splits}) in {summary['shards']} shards, bytes copied from {summary['source']}"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="source build folder")
+    parser.add_argument("--out", required=True, help="folder for the new build")
+    parser.add_argument("--split", help="keep only this split")
+    parser.add_argument("--n", type=int, help="draw this many samples (seeded), index order kept")
+    parser.add_argument(
+        "--where",
+        help='filter, e.g. "flow_msq < 2.5 and camera == 3"; list columns must hold for every pair',
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing build at --out"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = subset_build(
+        args.path,
+        args.out,
+        split=args.split,
+        n=args.n,
+        where=args.where,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    )
+    print(format_summary(summary))
+    return 0
+
+
+__all__ = ["subset_build", "parse_where", "select_rows", "add_arguments", "run", "WhereError"]
