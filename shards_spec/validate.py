@@ -320,9 +320,8 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
     if bad:
         return
     rows = table.select(INDEX_SCHEMA.names).to_pylist()
-    order = [(r["split"], r["shard"], r["position"]) for r in rows]
-    if order != sorted(order):
-        problems.add(f"{INDEX_NAME}: rows are not ordered by split, shard, position")
+    if not _well_ordered(rows):
+        problems.add(f"{INDEX_NAME}: rows are not grouped by split and ordered by shard, position")
     at = {(rel, pos): key for key, (rel, pos, _, _) in seen.items()}
     indexed: set[str] = set()
     per_split: dict[str, int] = {}
@@ -352,6 +351,19 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
     for split in per_split:
         if split not in manifest["splits"]:
             problems.add(f"{INDEX_NAME}: rows for split {split} not in manifest")
+
+
+def _well_ordered(rows: list[dict]) -> bool:
+    """Rows of a split are contiguous and ordered by (shard, position)."""
+    done: set[str] = set()
+    for prev, row in zip([None, *rows[:-1]], rows, strict=True):
+        if prev is not None and prev["split"] == row["split"]:
+            if (prev["shard"], prev["position"]) >= (row["shard"], row["position"]):
+                return False
+        elif row["split"] in done:
+            return False
+        done.add(row["split"])
+    return True
 
 
 def _compare_row(i: int, row: dict, found: tuple, problems: Problems) -> None:

@@ -141,6 +141,17 @@ def test_sample_without_index_row(root):
     assert _has(validate(root), f"index.parquet: no row for sample {KEY}")
 
 
+def test_index_order(root):
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    val_first = [r for r in rows if r["split"] == "val"] + [
+        r for r in rows if r["split"] == "train"
+    ]
+    write_index(root / "index.parquet", val_first)
+    assert validate(root) == []  # split order is free, grouping is not
+    write_index(root / "index.parquet", [rows[1], rows[0], *rows[2:]])
+    assert _has(validate(root), "index.parquet: rows are not grouped by split")
+
+
 def test_shard_not_in_manifest(root):
     shutil.copy(root / SHARD, root / "train/train-000009.tar")
     assert "train/train-000009.tar: shard not in manifest" in validate(root)
