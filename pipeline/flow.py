@@ -20,6 +20,8 @@ CPU_BACKENDS = ("dis", "farneback")
 RAFT_BACKENDS = ("raft-large", "raft-small")
 BACKENDS = ("auto", *CPU_BACKENDS, *RAFT_BACKENDS)
 
+RAFT_MIN_SIDE = 128
+
 # torchvision's weight files, as torch.hub stores them in $TORCH_HOME/hub/checkpoints.
 RAFT_WEIGHT_FILES = {
     "raft-large": "raft_large_C_T_SKHT_V2-ff5fadd5.pth",
@@ -151,7 +153,12 @@ class RaftFlow:
 
     def _to_tensor(self, frames: Sequence[np.ndarray]):
         t = self.torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()
-        return (t / 127.5 - 1.0).to(self.device)
+        t = (t / 127.5 - 1.0).to(self.device)
+        if min(t.shape[-2:]) < RAFT_MIN_SIDE:  # RAFT's correlation pyramid needs >= 128 px
+            t = self.torch.nn.functional.interpolate(
+                t, size=(RAFT_MIN_SIDE, RAFT_MIN_SIDE), mode="bilinear", align_corners=False
+            )
+        return t
 
     def pairs(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Flow (H, W, 2) from each frame to the next, computed ``batch`` pairs at a time."""
@@ -170,7 +177,15 @@ class RaftFlow:
                 ),
             ):
                 flows = self.model(a, b, num_flow_updates=self.cfg.iters)[-1]
-            out.extend(flows.float().permute(0, 2, 3, 1).cpu().numpy())
+            flows = flows.float()
+            h, w = frames[0].shape[:2]
+            if flows.shape[-2:] != (h, w):  # back to the frames' resolution and pixel units
+                flows = torch.nn.functional.interpolate(
+                    flows, size=(h, w), mode="bilinear", align_corners=False
+                )
+                flows[:, 0] *= w / RAFT_MIN_SIDE
+                flows[:, 1] *= h / RAFT_MIN_SIDE
+            out.extend(flows.permute(0, 2, 3, 1).cpu().numpy())
         return out
 
 

@@ -1,0 +1,160 @@
+"""End-to-end builds of the synthetic set: validity, accounting, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.build import BuildConfig, BuildError, Runtime, build
+from pipeline.cli import main as cli_main
+from shards_spec import open_build, validate
+from tests.conftest import tree_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(root: Path, **kw) -> BuildConfig:
+    base = dict(
+        src="synthetic", root=str(root), size=32, shard_size=7, flow="dis", val_fraction=0.3
+    )
+    return BuildConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def built(synth_root, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("b") / "shards"
+    summary = build(small_config(synth_root), Runtime(out=str(out), workers=2, progress=False))
+    return out, summary
+
+
+def test_build_validates_and_reads_back(built):
+    out, summary = built
+    assert validate(out) == []
+    assert cli_main(["validate", str(out)]) == 0
+    b = open_build(out)
+    assert set(b.splits) == {"train", "val"}
+    assert b.count("train") + b.count("val") == summary["windows"] > 0
+    sample = next(b.samples("train"))
+    assert len(sample["frames"]) == 3 and sample["frames"][0].shape == (32, 32, 3)
+    m = sample["meta"]
+    assert m["frame_ids"] == sorted(m["frame_ids"]) and m["frame_ids"][2] - m["frame_ids"][0] == 2
+    assert sample["key"] == f"{m['sequence']:04d}-cam{m['camera']}-{m['frame_ids'][0]:08d}"
+    manifest = b.manifest
+    assert manifest["flow"]["sigma"] == pytest.approx(
+        manifest["flow"]["stats"]["percentiles"]["p50"]
+    )
+
+
+def test_every_input_frame_is_written_or_skipped(built, synth_root):
+    out, summary = built
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+    written = {(r["sequence"], r["camera"], f) for r in index for f in r["frame_ids"]}
+    recorded = set()
+    for r in skipped:
+        p = Path(r["source_path"])
+        recorded.add((int(p.parent.parent.name), int(p.parent.name[3:]), r["frame_id"]))
+    inputs = {
+        (int(p.parent.parent.name), int(p.parent.name[3:]), int(p.stem))
+        for p in (synth_root / "rgb").rglob("*.jpg")
+    }
+    assert written | recorded == inputs
+    assert not written & recorded
+    meta = json.loads((synth_root / "meta.json").read_text())
+    cameras = 2
+    excluded = sum(
+        (not ok) or (not green)
+        for seq in meta["is_train"]
+        for ok, green in zip(meta["is_valid"][seq], meta["is_train"][seq], strict=True)
+    )
+    by_reason = summary["skipped_by_reason"]
+    assert by_reason["not_green_screen"] + by_reason.get("not_valid", 0) == cameras * excluded
+    assert by_reason["not_green_screen"] > 0
+
+
+def test_windows_of_one_clip_spread_over_shards(built):
+    out, _ = built
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    shards_per_clip = {}
+    for r in index:
+        shards_per_clip.setdefault(r["clip_id"], set()).add(r["shard"])
+    assert max(len(s) for s in shards_per_clip.values()) > 1
+
+
+def test_one_and_two_workers_give_identical_bytes(built, synth_root, tmp_path):
+    out, _ = built
+    out1 = tmp_path / "w1"
+    build(small_config(synth_root), Runtime(out=str(out1), workers=1, progress=False))
+    assert tree_bytes(out1) == tree_bytes(out)
+
+
+def test_rerun_is_a_no_op_and_other_config_is_refused(built, synth_root):
+    out, summary = built
+    before = tree_bytes(out)
+    again = build(small_config(synth_root), Runtime(out=str(out), workers=2, progress=False))
+    assert again["windows"] == summary["windows"]
+    assert tree_bytes(out) == before
+    with pytest.raises(BuildError, match="different configuration.*size"):
+        build(small_config(synth_root, size=64), Runtime(out=str(out), progress=False))
+
+
+def test_sigkill_mid_build_then_resume_is_byte_identical(built, synth_root, tmp_path):
+    out, _ = built
+    out2 = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline", "build", "--src", "synthetic", "--root",
+           str(synth_root), "--size", "32", "--shard-size", "7", "--flow", "dis",
+           "--val-fraction", "0.3", "--workers", "1", "--out", str(out2), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    tracks = out2 / ".work" / "tracks"
+    deadline = time.time() + 120
+    while (
+        proc.poll() is None and time.time() < deadline and len(list(tracks.glob("*/meta.json"))) < 2
+    ):
+        time.sleep(0.05)
+    done_before_kill = len(list(tracks.glob("*/meta.json")))
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    assert done_before_kill >= 2, "build finished no track before the kill"
+    assert not (out2 / "dataset.json").exists()
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=300)
+    assert tree_bytes(out2) == tree_bytes(out)
+    assert validate(out2) == []
+
+
+def test_missing_root_fails_fast_with_one_line(tmp_path, capsys):
+    t = time.perf_counter()
+    rc = cli_main(["build", "--src", "handco", "--root", str(tmp_path / "nope"),
+                   "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "no HanCo dataset" in err and "rgb" in err
+    assert time.perf_counter() - t < 10  # no Ray start, no work
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--src", "webcam"], "unknown source"),
+        (["--src", "video"], "--root"),
+        (["--src", "synthetic", "--size", "30"], "multiple of 8"),
+    ],
+)
+def test_bad_options_fail_fast(argv, message, tmp_path, capsys):
+    assert cli_main(["build", *argv, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_dataset_fails_fast(tmp_path, capsys):
+    (tmp_path / "rgb").mkdir()
+    assert cli_main(["build", "--src", "handco", "--root", str(tmp_path), "--out",
+                     str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "empty dataset" in capsys.readouterr().err

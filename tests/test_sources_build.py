@@ -1,0 +1,116 @@
+"""Builds from damaged inputs, the RAFT actor path and the real-video source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.build import BuildConfig, Runtime, build
+from shards_spec import open_build, validate
+from tests.conftest import SHARED_DATA
+
+
+def _green_frames(root: Path) -> list[tuple[str, int]]:
+    """(sequence, frame) pairs that are green-screen and valid, in order."""
+    meta = json.loads((root / "meta.json").read_text())
+    return [
+        (seq, f)
+        for seq in sorted(meta["is_train"])
+        for f, (green, ok) in enumerate(zip(meta["is_train"][seq], meta["is_valid"][seq]))
+        if green and ok
+    ]
+
+
+def test_bad_inputs_are_skipped_with_reasons(synth_root, tmp_path):
+    root = tmp_path / "damaged"
+    shutil.copytree(synth_root, root)
+    good = _green_frames(root)
+    picks = [good[i] for i in (2, 5, 8, 11, 14)]
+    name = "{}/{}/cam0/{:08d}.jpg"
+    (seq, f) = picks[0]
+    p = root / name.format("rgb", seq, f)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # truncated JPEG
+    (seq, f) = picks[1]
+    (root / name.format("rgb", seq, f)).write_bytes(b"\xff\xd8not a jpeg at all\xff\xd9")
+    (seq, f) = picks[2]
+    (root / name.format("mask_fg", seq, f)).unlink()  # missing mask
+    (seq, f) = picks[3]
+    cv2.imwrite(str(root / name.format("mask_fg", seq, f)), np.zeros((96, 96), np.uint8))
+    (seq, f) = picks[4]
+    cv2.imwrite(str(root / name.format("mask_fg", seq, f)), np.full((48, 48), 255, np.uint8))
+
+    out = tmp_path / "shards"
+    cfg = BuildConfig(src="handco", root=str(root), size=32, flow="dis", cameras="0",
+                      val_fraction=0.0)  # fmt: skip
+    summary = build(cfg, Runtime(out=str(out), workers=2, progress=False))
+    reasons = summary["skipped_by_reason"]
+    for reason in ("truncated_jpeg", "corrupt_image", "missing_mask", "empty_mask",
+                   "mask_size_mismatch"):  # fmt: skip
+        assert reasons.get(reason) == 1, (reason, reasons)
+    skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+    damaged = {(r["reason"], r["frame_id"]) for r in skipped}
+    assert ("truncated_jpeg", picks[0][1]) in damaged
+    assert validate(out) == []
+    # a damaged frame ends its clip: no window holds it, none spans it
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    for seq, f in picks:
+        for r in index:
+            if r["sequence"] == int(seq):
+                assert not r["frame_ids"][0] <= f <= r["frame_ids"][-1]
+    # and every frame of camera 0 is either in a window or in the skip record
+    written = {(r["sequence"], fid) for r in index for fid in r["frame_ids"]}
+    recorded = {(int(Path(r["source_path"]).parts[-3]), r["frame_id"]) for r in skipped}
+    inputs = {(int(p.parent.parent.name), int(p.stem)) for p in (root / "rgb").glob("*/cam0/*.jpg")}
+    assert written | recorded == inputs
+
+
+def test_raft_actor_path_on_cpu(synth_root, tmp_path):
+    out = tmp_path / "raft"
+    cfg = BuildConfig(src="synthetic", root=str(synth_root), size=32, flow="raft-small",
+                      flow_weights="none", raft_iters=2, flow_batch=4, sequences="0",
+                      cameras="0", val_fraction=0.0, keep_flow=8)  # fmt: skip
+    summary = build(cfg, Runtime(out=str(out), workers=2, progress=False))
+    assert summary["flow_backend"] == "raft-small" and summary["windows"] > 0
+    assert validate(out) == []
+    b = open_build(out)
+    assert b.manifest["flow"]["random_weights"] is True
+    s = next(b.samples("train"))
+    assert s["flow"].shape == (2, 2, 8, 8) and s["flow"].dtype == np.float16
+
+
+def test_missing_raft_weights_fail_before_work(synth_root, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    rc = main(["build", "--src", "synthetic", "--root", str(synth_root), "--flow", "raft-large",
+               "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    assert rc == 2
+    assert "raft_large_C_T_SKHT_V2-ff5fadd5.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "train").exists()
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "Megamind.avi").is_file(), reason="../shared/data/Megamind.avi not present"
+)
+def test_real_video_builds_valid_shards(tmp_path):
+    video_dir = tmp_path / "videos"
+    video_dir.mkdir()
+    (video_dir / "Megamind.avi").symlink_to(SHARED_DATA / "Megamind.avi")
+    out = tmp_path / "shards"
+    cfg = BuildConfig(src="video", root=str(video_dir), size=64, flow_size=128, flow="dis",
+                      frame_stride=3, shard_size=32)  # fmt: skip
+    summary = build(cfg, Runtime(out=str(out), workers=2, progress=False))
+    assert validate(out) == []
+    assert summary["frames_input"] == 90
+    b = open_build(out)
+    s = next(b.samples("train"))
+    assert s["frames"][0].shape == (64, 64, 3)
+    assert s["meta"]["source"] == "video" and s["key"].startswith("Megamind-")
+    assert s["meta"]["frame_ids"][1] - s["meta"]["frame_ids"][0] == 3
+    assert b.manifest["flow_size"] == 128 and b.manifest["flow"]["stats"]["max"] > 0
