@@ -22,6 +22,7 @@ SUMMARY_NAME = "summary.json"
 
 FORBIDDEN_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pt", "pth"})
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+EXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_-]+)/(?P=split)-(?P<n>[0-9]{6})\.tar$")
 FRAME_RE = re.compile(r"^f(?P<k>[0-9]+)\.png$")
@@ -95,6 +96,11 @@ def mask_members(window: int) -> list[str]:
 def is_forbidden(ext: str) -> bool:
     """True when a member extension names a pickle-like payload (``x.pkl``, ``pt``, ...)."""
     return ext.rsplit(".", 1)[-1].lower() in FORBIDDEN_EXTENSIONS
+
+
+def is_meta(name: str) -> bool:
+    """True for webdataset's bookkeeping fields of a raw sample (``__key__``, ``__url__``)."""
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
 def check_key(key: str) -> None:

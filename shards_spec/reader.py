@@ -25,6 +25,7 @@ from .format import (
     check_version,
     frame_member,
     is_forbidden,
+    is_meta,
     mask_member,
 )
 from .writer import check_manifest
@@ -33,7 +34,7 @@ from .writer import check_manifest
 def refuse_forbidden(sample: dict) -> dict:
     """Raise SpecError if a raw sample holds a pickle-like member; return it unchanged."""
     for ext in sample:
-        if not ext.startswith("__") and is_forbidden(ext):
+        if not is_meta(ext) and is_forbidden(ext):
             where = sample.get("__url__", "?")
             raise SpecError(
                 f"refusing pickle-like member {sample.get('__key__')}.{ext} in {where}: "

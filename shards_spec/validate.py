@@ -31,6 +31,7 @@ from .format import (
     check_version,
     frame_members,
     is_forbidden,
+    is_meta,
     load_schema,
     mask_members,
     shard_path,
@@ -195,7 +196,7 @@ def _check_meta(
 def _check_sample(ctx: _Context, rel: str, split: str, raw: dict, problems: Problems) -> Any:
     key = raw["__key__"]
     where = f"{rel} sample {key}"
-    exts = [e for e in raw if not e.startswith("__")]
+    exts = [e for e in raw if not is_meta(e)]
     for ext in ctx.members:
         if ext not in raw:
             problems.add(f"{where}: missing member {ext}")

@@ -19,11 +19,13 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from .format import (
+    EXT_RE,
     INDEX_SCHEMA,
     SKIPPED_SCHEMA,
     SpecError,
     check_key,
     is_forbidden,
+    is_meta,
     load_schema,
 )
 
@@ -124,8 +126,10 @@ def _prepare(sample: dict) -> dict:
     check_key(key)
     out: dict[str, Any] = {"__key__": key}
     for ext, value in sample.items():
-        if ext.startswith("_"):
+        if is_meta(ext):
             continue
+        if not EXT_RE.match(ext):
+            raise SpecError(f"sample {key}: bad member extension {ext!r}")
         if is_forbidden(ext):
             raise SpecError(f"sample {key}: member {key}.{ext} is pickle-like and not allowed")
         if ext == "json" and isinstance(value, dict):

@@ -119,6 +119,12 @@ def test_writer_refuses_pickle_like(tmp_path, ext):
     assert not (tmp_path / "x.tar").exists()
 
 
+@pytest.mark.parametrize("ext", ["_private", "a/b.png", "", "x..png"])
+def test_writer_refuses_bad_extension(tmp_path, ext):
+    with pytest.raises(SpecError, match="bad member extension"):
+        write_shard(tmp_path / "x.tar", [{"__key__": "k", ext: b"x"}])
+
+
 def test_writer_refuses_dotted_key(tmp_path):
     with pytest.raises(SpecError, match="no dots"):
         write_shard(tmp_path / "x.tar", [{"__key__": "a.b", "json": b"{}"}])
