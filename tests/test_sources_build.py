@@ -22,7 +22,9 @@ def _green_frames(root: Path) -> list[tuple[str, int]]:
     return [
         (seq, f)
         for seq in sorted(meta["is_train"])
-        for f, (green, ok) in enumerate(zip(meta["is_train"][seq], meta["is_valid"][seq]))
+        for f, (green, ok) in enumerate(
+            zip(meta["is_train"][seq], meta["is_valid"][seq], strict=True)
+        )
         if green and ok
     ]
 
