@@ -260,7 +260,7 @@ def _check_shard(
             if key in seen:
                 problems.add(f"{rel} sample {key}: duplicate key (also in {seen[key][0]})")
             else:
-                seen[key] = (rel, position, split, meta)
+                seen[key] = (rel, position, split, _indexed_fields(meta))
     except Exception as exc:  # a broken tar is a finding, not a crash
         problems.add(f"{rel}: unreadable or truncated tar after {count} samples: {_exc_text(exc)}")
     if count != entry["samples"]:
@@ -367,6 +367,18 @@ def _well_ordered(rows: list[dict]) -> bool:
     return True
 
 
+INDEXED_FIELDS = ("clip_id", "source", "sequence", "camera", "subject", "object", "frame_ids")
+
+
+def _indexed_fields(meta: Any) -> dict | None:
+    """The sample-json fields the index repeats (kept per sample for the index check)."""
+    if not isinstance(meta, dict):
+        return None
+    fields = {name: meta.get(name) for name in INDEXED_FIELDS}
+    fields["flow_msq"], fields["weight"] = meta.get("flow_msq"), meta.get("weight")
+    return fields
+
+
 def _compare_row(i: int, row: dict, found: tuple, problems: Problems) -> None:
     _, _, split, meta = found
     if row["split"] != split:
@@ -375,11 +387,11 @@ def _compare_row(i: int, row: dict, found: tuple, problems: Problems) -> None:
         )
     if not isinstance(meta, dict):
         return
-    for name in ("clip_id", "source", "sequence", "camera", "subject", "object", "frame_ids"):
-        if row[name] != meta.get(name):
+    for name in INDEXED_FIELDS:
+        if row[name] != meta[name]:
             problems.add(f"{INDEX_NAME}: row {i} ({row['key']}): {name} differs from sample json")
     for name in ("flow_msq", "weight"):
-        a, b = row[name], meta.get(name)
+        a, b = row[name], meta[name]
         if not isinstance(b, list) or len(a) != len(b) or not np.allclose(a, b, rtol=1e-6, atol=0):
             problems.add(f"{INDEX_NAME}: row {i} ({row['key']}): {name} differs from sample json")
 

@@ -135,6 +135,16 @@ def test_index_row_without_sample(root):
     assert _has(problems, "index.parquet", "4 rows for split val, manifest says 3")
 
 
+def test_index_disagrees_with_json(root):
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    rows[0]["frame_ids"] = [5, 6, 7]
+    rows[0]["weight"] = [0.5, 0.5]
+    write_index(root / "index.parquet", rows)
+    problems = validate(root)
+    assert f"index.parquet: row 0 ({KEY}): frame_ids differs from sample json" in problems
+    assert f"index.parquet: row 0 ({KEY}): weight differs from sample json" in problems
+
+
 def test_sample_without_index_row(root):
     rows = pq.read_table(root / "index.parquet").to_pylist()
     write_index(root / "index.parquet", rows[1:])
