@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
@@ -19,13 +18,3 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate(root, sequences=4, cameras=2, frames=14, size=96, seed=3, progress=False)
     return root
-
-
-def tree_bytes(out: Path) -> dict[str, bytes]:
-    """Every output file that must be reproducible (shards, index, skip record, manifest)."""
-    files = {}
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out).as_posix()
-        if p.is_file() and not rel.startswith(".work") and rel != "summary.json":
-            files[rel] = p.read_bytes()
-    return files

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from buildutil import tree_bytes
 
 from pipeline.build import BuildConfig, BuildError, Runtime, build
 from pipeline.cli import main as cli_main
 from shards_spec import open_build, validate
-from tests.conftest import tree_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 

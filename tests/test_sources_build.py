@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from buildutil import SHARED_DATA
 
 from pipeline.build import BuildConfig, Runtime, build
 from shards_spec import open_build, validate
-from tests.conftest import SHARED_DATA
 
 
 def _green_frames(root: Path) -> list[tuple[str, int]]:
