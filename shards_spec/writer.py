@@ -16,7 +16,6 @@ import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from .format import (
     EXT_RE,
@@ -149,6 +148,8 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> dict:
     written in the order given; members inside a sample are sorted by extension (webdataset's
     TarWriter order). Returns ``{"path", "sha256", "bytes", "samples"}``.
     """
+    import webdataset as wds  # imported here: it pulls in torch, which index/manifest writers skip
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(target)

@@ -129,6 +129,38 @@ def test_sigkill_mid_build_then_resume_is_byte_identical(built, synth_root, tmp_
     assert validate(out2) == []
 
 
+def _ray_task_pids(name: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(f"ray::{name}".encode()):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_sigkill_of_a_worker_is_retried_and_output_unchanged(built, synth_root, tmp_path):
+    out, _ = built
+    out3 = tmp_path / "worker-killed"
+    cmd = [sys.executable, "-m", "pipeline", "build", "--src", "synthetic", "--root",
+           str(synth_root), "--size", "32", "--shard-size", "7", "--flow", "dis",
+           "--val-fraction", "0.3", "--workers", "1", "--out", str(out3), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        pids = _ray_task_pids("_track_task")
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert killed is not None, "no track task seen running"
+    assert proc.returncode == 0, err[-2000:]
+    assert tree_bytes(out3) == tree_bytes(out)
+
+
 def test_missing_root_fails_fast_with_one_line(tmp_path, capsys):
     t = time.perf_counter()
     rc = cli_main(["build", "--src", "handco", "--root", str(tmp_path / "nope"),

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# GPU checks for a lent device machine: uses only what its image has (torch, torchvision,
+# OpenCV, numpy). Prints a short table; under 8 minutes on an H100/H200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python3 bench/raft_throughput.py --model raft-large --pairs 512 --size 224 --batch 32
+python3 bench/raft_throughput.py --model raft-small --pairs 512 --size 224 --batch 64
