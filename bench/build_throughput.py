@@ -44,7 +44,7 @@ def naive_build(cfg: b.BuildConfig, out: Path) -> float:
     work = out / ".work"
     opts = TrackOptions(FrameSpec(cfg.size, cfg.flow_size, parse_bg(cfg.bg)))
     flow = OpenCVFlow("dis")
-    committed = {tr.track_id: process_track(work, tr, opts, flow.pairs)[0] for tr in disc.tracks}
+    committed = {tr.track_id: process_track(work, tr, opts, flow)[0] for tr in disc.tracks}
     plan = make_plan(
         [(tr, committed[tr.track_id]) for tr in disc.tracks],
         window=cfg.window,

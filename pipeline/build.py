@@ -26,7 +26,7 @@ from pipeline.plan import SHORT_CLIP, Plan, make_plan
 from pipeline.raycluster import ray_session
 from pipeline.shards import done_shard, window_job, write_planned_shard
 from pipeline.sources import Discovery, SourceError, Track, discover_handco, discover_video
-from pipeline.tracks import TrackOptions, commit_flow, load_meta, process_frames, process_track
+from pipeline.tracks import TrackOptions, commit_flow, load_meta, process_track
 from shards_spec.format import SPEC_VERSION
 from shards_spec.writer import atomic_write_json, write_index, write_manifest, write_skipped
 
@@ -168,7 +168,7 @@ def _cpu_flow(backend: str):
 
 @ray.remote(num_cpus=1)
 def _track_task(work: str, track: Track, opts: TrackOptions, backend: str) -> dict:
-    return process_track(Path(work), track, opts, _cpu_flow(backend).pairs)[0]
+    return process_track(Path(work), track, opts, _cpu_flow(backend))[0]
 
 
 @ray.remote(num_cpus=1, num_returns=2)
@@ -176,7 +176,7 @@ def _prepare_task(work: str, track: Track, opts: TrackOptions):
     import cv2
 
     cv2.setNumThreads(1)
-    return process_frames(Path(work), track, opts)
+    return process_track(Path(work), track, opts, None)
 
 
 @ray.remote
@@ -403,7 +403,6 @@ def _finish(out, cfg, disc, plan, committed, infos, backend, weights_path) -> di
                     "object", "frame_ids", "flow_msq", "weight")}, "shard": rel, "position": pos})  # fmt: skip
     write_index(out / "index.parquet", rows)
 
-    tracks = {t.track_id: t for t in disc.tracks}
     skipped = [
         {"source_path": e.path, "clip_id": e.track_id, "frame_id": e.frame_id, "reason": e.reason}
         for e in disc.excluded
@@ -438,7 +437,7 @@ def _finish(out, cfg, disc, plan, committed, infos, backend, weights_path) -> di
         "frames_excluded": len(disc.excluded),
         "frames_skipped": len(skipped) - len(disc.excluded),
     }
-    flow_side = cfg.flow_size or _first_flow_side(committed, tracks)
+    flow_side = cfg.flow_size or _first_flow_side(committed)
     splits = {}
     for split, shards in plan.shards.items():
         entries = [infos[(split, n)] for n in range(len(shards))]
@@ -477,11 +476,9 @@ def _finish(out, cfg, disc, plan, committed, infos, backend, weights_path) -> di
     }
 
 
-def _first_flow_side(committed: dict, tracks: dict) -> int:
-    for meta in committed.values():
-        if meta.get("flow_side"):
-            return int(meta["flow_side"])
-    return 0
+def _first_flow_side(committed: dict) -> int:
+    """The flow side when --flow-size is unset: the cropped source side (0 if unknown)."""
+    return next((int(m["flow_side"]) for m in committed.values() if m.get("flow_side")), 0)
 
 
 def _code_version() -> str:

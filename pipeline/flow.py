@@ -74,16 +74,21 @@ class OpenCVFlow:
         if name == "dis":
             self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
 
+    @staticmethod
+    def prepare(frame: np.ndarray) -> np.ndarray:
+        """RGB frame -> what :meth:`calc` takes (grayscale); done once per frame."""
+        return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+
+    def calc(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Flow (H, W, 2) from prepared frame ``a`` to prepared frame ``b``."""
+        if self._dis is not None:
+            return self._dis.calc(a, b, None)
+        return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+
     def pairs(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Flow (H, W, 2) from each frame to the next, for consecutive RGB frames."""
-        gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
-        out = []
-        for a, b in zip(gray[:-1], gray[1:], strict=True):
-            if self._dis is not None:
-                out.append(self._dis.calc(a, b, None))
-            else:
-                out.append(cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0))
-        return out
+        gray = [self.prepare(f) for f in frames]
+        return [self.calc(a, b) for a, b in zip(gray[:-1], gray[1:], strict=True)]
 
 
 # ---------------------------------------------------------------- RAFT (torchvision)

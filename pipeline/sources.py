@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -48,7 +48,6 @@ class Track:
     object: str | None = None
     mask_video: str | None = None  # video tracks: a mask video with the same frame count
     group: str = ""  # what the train/val split keys on (sequence or subject)
-    extra: dict = field(default_factory=dict, compare=False)
 
     def key(self, frame_id: int) -> str:
         """Sample key of the window starting at ``frame_id`` (no dots)."""

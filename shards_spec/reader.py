@@ -8,12 +8,11 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image
 
 from .format import (
@@ -29,6 +28,9 @@ from .format import (
     mask_member,
 )
 from .writer import check_manifest
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 
 def refuse_forbidden(sample: dict) -> dict:
@@ -102,6 +104,8 @@ def decode_sample(raw: dict, window: int) -> dict:
 
 def raw_samples(urls: Iterable[str]) -> Iterator[dict]:
     """Undecoded samples (``__key__``, ``__url__`` and member bytes) of shards, in order."""
+    import webdataset as wds  # imported on use: it pulls in torch
+
     urls = list(urls)
     if not urls:
         return iter(())
@@ -228,6 +232,8 @@ class Build:
 
         Shards are split by node and by DataLoader worker; samples are raw member bytes.
         """
+        import webdataset as wds
+
         urls = self.urls(split)
         if not urls:
             raise SpecError(f"split {split!r} has no shards")
@@ -250,6 +256,8 @@ class Build:
         Frames are uint8 RGB ``HxWx3``; masks uint8 ``HxW`` or None; flow float16
         ``(K-1, 2, h, w)`` or None; meta the per-sample JSON object.
         """
+        import webdataset as wds
+
         urls = self.urls(split)
         if not urls:
             return

@@ -14,7 +14,6 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from .format import (
     FLOW_MEMBER,
@@ -217,6 +216,8 @@ def _check_sample(ctx: _Context, rel: str, split: str, raw: dict, problems: Prob
 
 
 def _tar_samples(path: Path) -> Iterator[dict]:
+    import webdataset as wds  # imported on use: it pulls in torch
+
     return wds.tarfile_samples([{"url": str(path)}])
 
 
