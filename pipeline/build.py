@@ -213,8 +213,13 @@ def _bounded(submit, items: Sequence, limit: int) -> Iterator[tuple[object, obje
 # ------------------------------------------------------------------ stages
 
 
+def _in_flight(cpus: float, workers: int | None) -> int:
+    """Tasks kept in flight: --workers exactly, else two per CPU so no core waits on the driver."""
+    return workers if workers else max(1, 2 * int(cpus))
+
+
 def _run_tracks(todo, work, opts, backend, raft, cpus, gpus, rt, bar) -> Iterator[tuple]:
-    limit = max(1, 2 * int(min(cpus, rt.workers or cpus)))
+    limit = _in_flight(cpus, rt.workers)
     if backend in fl.CPU_BACKENDS:
 
         def submit(t):
@@ -290,11 +295,14 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
 def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
     """Run a whole build; returns the summary (also written to OUT/summary.json)."""
     t0 = time.perf_counter()
+    lap = _Laps()
     check_config(cfg)
     disc = discover(cfg, rt.progress)
     out = Path(rt.out)
     work = out / ".work"
+    lap("discover")
     with ray_session(rt.address, rt.workers) as res:
+        lap("ray_start")
         backend = fl.resolve_backend(cfg.flow, res["gpus"])
         raft = None
         weights_path = None
@@ -311,7 +319,6 @@ def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
         opts = TrackOptions(spec, cfg.keep_mask, cfg.keep_flow)
 
         # Stage 1: tracks (each frame decoded once, each pair's flow once)
-        t1 = time.perf_counter()
         committed: dict[str, dict] = {}
         todo = []
         for t in disc.tracks:
@@ -328,7 +335,7 @@ def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
                 todo, work, opts, backend, raft, res["cpus"], res["gpus"], rt, bar
             ):
                 committed[track.track_id] = meta
-        t_tracks = time.perf_counter() - t1
+        lap("frames_flow")
 
         # Stage 2: plan (driver)
         pairs = [(t, committed[t.track_id]) for t in disc.tracks]
@@ -346,22 +353,38 @@ def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
                 f"({plan.counts['frames_kept']} frames kept); see the skip reasons"
             )
 
+        lap("plan")
+
         # Stage 3: shards
-        t3 = time.perf_counter()
         infos = _write_shards(plan, out, work, cfg, rt, res["cpus"])
-        t_shards = time.perf_counter() - t3
+        lap("shards")
+    lap("ray_stop")
 
     summary = _finish(out, cfg, disc, plan, committed, infos, backend, weights_path)
+    lap("index_manifest")
     wall = time.perf_counter() - t0
     summary.update(
         wall_s=round(wall, 3),
-        stage_s={"frames_flow": round(t_tracks, 3), "shards": round(t_shards, 3)},
+        stage_s=lap.times,
         frames_per_s=round(summary["frames_input"] / wall, 2) if wall else None,
     )
     atomic_write_json(out / "summary.json", summary)
     if not rt.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+class _Laps:
+    """Wall seconds of each step of a build, in order (summary.json's ``stage_s``)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = round(now - self._t, 3)
+        self._t = now
 
 
 def _write_shards(plan: Plan, out: Path, work: Path, cfg, rt, cpus) -> dict[tuple[str, int], dict]:
@@ -375,7 +398,7 @@ def _write_shards(plan: Plan, out: Path, work: Path, cfg, rt, cpus) -> dict[tupl
                 todo.append((split, n, jobs))
             else:
                 infos[(split, n)] = info
-    limit = max(1, 2 * int(min(cpus, rt.workers or cpus)))
+    limit = _in_flight(cpus, rt.workers)
 
     def submit(item):
         split, n, jobs = item

@@ -1,7 +1,7 @@
 """Optical-flow backends and the flow proximity of the paper (sec. 3.4).
 
 ``flow_msq`` of a pair is the mean over pixels of |F|^2, in pixels^2 at the flow resolution;
-its weight is ``exp(-flow_msq / sigma)``.
+its weight, ``exp(-flow_msq / sigma)``, is :func:`shards_spec.format.flow_weight`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,6 @@ def flow_msq(flow: np.ndarray) -> float:
     """Mean squared flow magnitude of one (H, W, 2) or (2, H, W) field, in pixels^2."""
     f = flow.astype(np.float64, copy=False)
     return float(np.mean(np.sum(f * f, axis=-1 if f.shape[-1] == 2 else 0)))
-
-
-def proximity_weight(msq: float | np.ndarray, sigma: float) -> float | np.ndarray:
-    """w = exp(-d / sigma) (sec. 3.4)."""
-    return np.exp(-np.asarray(msq, np.float64) / sigma)
 
 
 def resolve_backend(name: str, gpus: float) -> str:

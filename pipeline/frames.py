@@ -40,7 +40,7 @@ def parse_bg(spec: str) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class FrameSpec:
     size: int  # output side
-    flow_size: int | None  # flow side; None: the cropped source side
+    flow_size: int | None  # flow side; None: the cropped source side (down to a multiple of 8)
     bg: tuple[int, int, int] = (0, 0, 0)
 
 
@@ -121,7 +121,8 @@ def prepare(
         mask = center_crop(mask)
     square = center_crop(rgb)
     out = resize(square, spec.size)
-    flow = resize(square, spec.flow_size) if spec.flow_size else square
+    # flow at --flow-size, else at the source side rounded down to a multiple of 8 (RAFT's grid)
+    flow = resize(square, spec.flow_size or square.shape[0] // 8 * 8)
     out_mask = None
     if mask is not None:
         out_mask = np.where(resize(mask, spec.size) > 127, 255, 0).astype(np.uint8)

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.flow import proximity_weight
 from pipeline.sources import Track
+from shards_spec.format import flow_stats, flow_weight
 
 SHORT_CLIP = "clip_shorter_than_window"
-PERCENTILES = (1, 5, 25, 50, 75, 90, 95, 99)
 
 
 @dataclass
@@ -100,21 +99,6 @@ def assign_val_groups(groups: Sequence[str], val_fraction: float, seed: int) -> 
     return set(ranked[:n_val])
 
 
-def flow_stats(values: Sequence[float]) -> dict:
-    if not len(values):
-        return {"count": 0, "mean": None, "min": None, "max": None,
-                "percentiles": {f"p{p}": None for p in PERCENTILES}}  # fmt: skip
-    v = np.asarray(values, np.float64)
-    pct = np.percentile(v, PERCENTILES)
-    return {
-        "count": int(v.size),
-        "mean": float(v.mean()),
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "percentiles": {f"p{p}": float(x) for p, x in zip(PERCENTILES, pct, strict=True)},
-    }
-
-
 def make_plan(
     committed: Sequence[tuple[Track, dict]],
     *,
@@ -149,7 +133,7 @@ def make_plan(
 
     by_split: dict[str, list[Window]] = {"train": [], "val": []}
     for x in windows:
-        x.weight = [float(proximity_weight(m, sigma)) for m in x.msq]
+        x.weight = [flow_weight(m, sigma) for m in x.msq]
         by_split[x.split].append(x)
 
     dropped = 0

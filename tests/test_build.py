@@ -21,6 +21,13 @@ from shards_spec import open_build, validate
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cli_command(root: Path, out: Path) -> list[str]:
+    """`pipeline build` with the same configuration as :func:`small_config`, one worker."""
+    return [sys.executable, "-m", "pipeline", "build", "--src", "synthetic", "--root", str(root),
+            "--size", "32", "--shard-size", "7", "--flow", "dis", "--val-fraction", "0.3",
+            "--workers", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+
+
 def small_config(root: Path, **kw) -> BuildConfig:
     base = dict(
         src="synthetic", root=str(root), size=32, shard_size=7, flow="dis", val_fraction=0.3
@@ -109,9 +116,7 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(built, synth_root):
 def test_sigkill_mid_build_then_resume_is_byte_identical(built, synth_root, tmp_path):
     out, _ = built
     out2 = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline", "build", "--src", "synthetic", "--root",
-           str(synth_root), "--size", "32", "--shard-size", "7", "--flow", "dis",
-           "--val-fraction", "0.3", "--workers", "1", "--out", str(out2), "--no-progress"]  # fmt: skip
+    cmd = cli_command(synth_root, out2)
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
     tracks = out2 / ".work" / "tracks"
     deadline = time.time() + 120
@@ -143,9 +148,7 @@ def _ray_task_pids(name: str) -> list[int]:
 def test_sigkill_of_a_worker_is_retried_and_output_unchanged(built, synth_root, tmp_path):
     out, _ = built
     out3 = tmp_path / "worker-killed"
-    cmd = [sys.executable, "-m", "pipeline", "build", "--src", "synthetic", "--root",
-           str(synth_root), "--size", "32", "--shard-size", "7", "--flow", "dis",
-           "--val-fraction", "0.3", "--workers", "1", "--out", str(out3), "--no-progress"]  # fmt: skip
+    cmd = cli_command(synth_root, out3)
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.time() + 120

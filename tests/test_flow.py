@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import flow as fl
+from shards_spec.format import flow_weight
 
 
 def textured(size: int = 128, seed: int = 0) -> np.ndarray:
@@ -36,8 +37,8 @@ def test_still_pair_has_zero_msq_and_weight_one():
     a = textured()
     field = fl.OpenCVFlow("farneback").pairs([a, a])[0]
     assert fl.flow_msq(field) < 1e-3
-    assert fl.proximity_weight(0.0, 5.0) == 1.0
-    assert fl.proximity_weight(5.0, 5.0) == pytest.approx(np.exp(-1))
+    assert flow_weight(0.0, 5.0) == 1.0
+    assert flow_weight(5.0, 5.0) == pytest.approx(np.exp(-1))
 
 
 def test_flow_msq_units_and_downsampling():
