@@ -231,7 +231,8 @@ def _run_tracks(todo, work, opts, backend, raft, cpus, gpus, rt, bar) -> Iterato
         return
 
     n_actors = rt.flow_actors or (int(gpus) if gpus >= 1 else 1)
-    actor_opts = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
+    # A CPU actor reserves a core only when another is left for the prepare tasks.
+    actor_opts = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1 if cpus >= 2 else 0}
     actors = [FlowActor.options(**actor_opts).remote(raft) for _ in range(n_actors)]
     turn = iter(range(1 << 62))
 
