@@ -328,6 +328,7 @@ def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
                 todo.append(t)
             else:
                 committed[t.track_id] = meta
+        todo.sort(key=lambda t: -len(t.frames))  # longest first: the last task ends soonest
         total = sum(len(t.frames) for t in disc.tracks)
         done = sum(len(t.frames) for t in disc.tracks if t.track_id in committed)
         with tqdm(total=total, initial=done, unit="frame", desc="frames+flow",
