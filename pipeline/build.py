@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -312,6 +313,9 @@ def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
                 backend, cfg.flow_weights, cfg.flow_precision, cfg.flow_batch, cfg.raft_iters
             )
             weights_path = fl.resolve_raft_weights(raft)  # fails fast when the file is missing
+            if weights_path is None:
+                print("warning: RAFT with random weights (--flow-weights none): flow values are "
+                      "meaningless; for tests and benchmarks only", file=sys.stderr)  # fmt: skip
         identity = _identity(cfg, disc, backend)
         if _prepare_out(out, identity, rt.overwrite):
             print(f"{out}: already complete; nothing to do")
