@@ -1,0 +1,1 @@
+"""DDIM sampling, clean-fid FID/KID and the report (`python -m eval`)."""

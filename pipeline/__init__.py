@@ -1,0 +1,1 @@
+"""`pipeline`: the offline stage that turns video datasets into frame-window shards."""

@@ -1,0 +1,1 @@
+"""Streaming DDP trainer for image diffusion on frame-window shards (`torchrun -m train`)."""
