@@ -193,3 +193,15 @@ def test_empty_dataset_fails_fast(tmp_path, capsys):
     assert cli_main(["build", "--src", "handco", "--root", str(tmp_path), "--out",
                      str(tmp_path / "o")]) == 2  # fmt: skip
     assert "empty dataset" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_build_of_another_config(synth_root, tmp_path):
+    out = tmp_path / "o"
+    build(small_config(synth_root, sequences="0"), Runtime(out=str(out), progress=False))
+    (out / "notes.txt").write_text("a user's file")
+    with pytest.raises(BuildError, match="not empty"):
+        build(small_config(synth_root, size=64), Runtime(out=str(tmp_path / "o" / "train")))
+    build(small_config(synth_root, sequences="0", size=64),
+          Runtime(out=str(out), overwrite=True, progress=False))  # fmt: skip
+    assert open_build(out).image_size == 64 and validate(out) == []
+    assert (out / "notes.txt").read_text() == "a user's file"

@@ -116,3 +116,39 @@ def test_real_video_builds_valid_shards(tmp_path):
     assert s["meta"]["source"] == "video" and s["key"].startswith("Megamind-")
     assert s["meta"]["frame_ids"][1] - s["meta"]["frame_ids"][0] == 3
     assert b.manifest["flow_size"] == 128 and b.manifest["flow"]["stats"]["max"] > 0
+
+
+def _mjpeg_with_a_broken_frame(path: Path, n: int, broken: int) -> None:
+    """An MJPG AVI whose frame ``broken`` holds no JPEG data (an unreadable frame)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (80, 64))
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)
+    texture = (rng.random((64, 120, 3)) * 255).astype(np.uint8)
+    for i in range(n):
+        writer.write(np.ascontiguousarray(texture[:, i * 2 : i * 2 + 80]))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 8) if data[i : i + 4] == b"00dc"]
+    frame_chunks = [s for s in starts if data[s + 8 : s + 10] == b"\xff\xd8"]
+    assert len(frame_chunks) == n
+    s = frame_chunks[broken]
+    size = int.from_bytes(data[s + 4 : s + 8], "little")
+    data[s + 8 : s + 8 + size] = bytes(size)
+    path.write_bytes(bytes(data))
+
+
+def test_unreadable_video_frame_is_skipped_and_splits_the_clip(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _mjpeg_with_a_broken_frame(videos / "pan.avi", n=12, broken=5)
+    out = tmp_path / "shards"
+    cfg = BuildConfig(src="video", root=str(videos), size=32, flow="dis", shard_size=4)
+    summary = build(cfg, Runtime(out=str(out), workers=1, progress=False))
+    assert summary["skipped_by_reason"] == {"unreadable_video_frame": 1}
+    assert validate(out) == []
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    windows = sorted(tuple(r["frame_ids"]) for r in index)
+    assert windows == [(0, 1, 2), (1, 2, 3), (2, 3, 4)] + [(i, i + 1, i + 2) for i in range(6, 10)]
+    assert {r["clip_id"] for r in index} == {"pan-00000000", "pan-00000006"}
+    skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+    assert [(r["frame_id"], r["reason"]) for r in skipped] == [(5, "unreadable_video_frame")]
