@@ -60,7 +60,7 @@ def naive_build(cfg: b.BuildConfig, out: Path) -> float:
         for n, ws in enumerate(shards):
             jobs = [window_job(w, work, False, False) for w in ws]
             infos[(split, n)] = write_planned_shard(out, work, split, n, jobs)
-    b._finish(out, cfg, disc, plan, committed, infos, "dis", None)
+    b.write_outputs(out, cfg, disc, plan, committed, infos, "dis", None)
     return time.perf_counter() - t
 
 

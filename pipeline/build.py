@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import ray
@@ -23,134 +19,23 @@ from tqdm import tqdm
 
 from pipeline import flow as fl
 from pipeline import frames as fr
-from pipeline.plan import SHORT_CLIP, Plan, make_plan
+from pipeline.config import (  # noqa: F401 - re-exported: the build API in one place
+    BuildConfig,
+    BuildError,
+    Runtime,
+    check_config,
+    discover,
+    synthetic_root,
+)
+from pipeline.outputs import format_summary, write_outputs  # noqa: F401 - re-exported
+from pipeline.plan import Plan, make_plan
 from pipeline.raycluster import ray_session
 from pipeline.shards import done_shard, window_job, write_planned_shard
-from pipeline.sources import Discovery, SourceError, Track, discover_handco, discover_video
+from pipeline.sources import Discovery, Track
 from pipeline.tracks import TrackOptions, commit_flow, load_meta, process_track
-from shards_spec.format import SPEC_VERSION
-from shards_spec.writer import atomic_write_json, write_index, write_manifest, write_skipped
+from shards_spec.writer import atomic_write_json
 
 BUILD_FILES = {"dataset.json", "index.parquet", "skipped.parquet", "summary.json", ".work"}
-
-
-class BuildError(RuntimeError):
-    """A build that cannot start or go on; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Everything that decides the bytes of the output (recorded in the manifest)."""
-
-    src: str = "synthetic"
-    root: str | None = None
-    size: int = 128
-    flow: str = "auto"
-    flow_size: int | None = None
-    flow_weights: str | None = None
-    flow_precision: str = "fp32"
-    flow_batch: int = 8
-    raft_iters: int = 12
-    keep_flow: int = 0
-    keep_mask: bool = False
-    window: int = 3
-    split_by: str = "sequence"
-    val_fraction: float = 0.05
-    max_windows: int | None = None
-    seed: int = 0
-    shard_size: int = 1000
-    mask: str = "fg"
-    mask_root: str | None = None
-    bg: str = "black"
-    cameras: str | None = None
-    sequences: str | None = None
-    frame_stride: int = 1
-    max_clips: int | None = None
-    all_frames: bool = False
-    synth_sequences: int = 8
-    synth_cameras: int = 2
-    synth_frames: int = 32
-    synth_size: int = 224
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """How the build runs; never changes the output."""
-
-    out: str = "shards"
-    workers: int | None = None
-    address: str | None = None
-    overwrite: bool = False
-    progress: bool = True
-    flow_actors: int | None = None
-    keep_work: bool = False
-
-
-def check_config(cfg: BuildConfig) -> None:
-    """Reject bad options before any work starts."""
-    if cfg.src not in ("handco", "synthetic", "video"):
-        raise SourceError(f"unknown source {cfg.src!r}: expected handco, synthetic or video")
-    for name in ("size", "flow_size"):
-        v = getattr(cfg, name)
-        if v is not None and (v < 8 or v % 8):
-            raise BuildError(
-                f"--{name.replace('_', '-')} must be a positive multiple of 8, not {v}"
-            )
-    if cfg.window < 2:
-        raise BuildError("--window must be at least 2")
-    if not 0 <= cfg.val_fraction < 1:
-        raise BuildError("--val-fraction must be in [0, 1)")
-    if cfg.shard_size < 1:
-        raise BuildError("--shard-size must be at least 1")
-    if cfg.split_by not in ("sequence", "subject"):
-        raise BuildError("--split-by must be sequence or subject")
-    if cfg.flow_precision not in ("fp32", "bf16", "fp16"):
-        raise BuildError("--flow-precision must be fp32, bf16 or fp16")
-    fr.parse_bg(cfg.bg)
-
-
-def synthetic_root(cfg: BuildConfig) -> Path:
-    base = Path(os.environ.get("FRAMEBRIDGE_CACHE", "~/.cache/framebridge")).expanduser()
-    return base / (
-        f"synthetic-n{cfg.synth_sequences}-c{cfg.synth_cameras}-f{cfg.synth_frames}"
-        f"-s{cfg.synth_size}-seed{cfg.seed}"
-    )
-
-
-def discover(cfg: BuildConfig, progress: bool = True) -> Discovery:
-    common = {
-        "frame_stride": cfg.frame_stride,
-        "max_clips": cfg.max_clips,
-        "split_by": cfg.split_by,
-    }
-    if cfg.src == "video":
-        if not cfg.root:
-            raise SourceError("--src video needs --root PATH (a video file or a folder of videos)")
-        return discover_video(cfg.root, mask_root=cfg.mask_root, **common)
-    handco = {
-        "mask": cfg.mask,
-        "cameras": cfg.cameras,
-        "sequences": cfg.sequences,
-        "green_screen_only": not cfg.all_frames,
-        **common,
-    }
-    if cfg.src == "synthetic":
-        from pipeline.synth import generate
-
-        root = Path(cfg.root) if cfg.root else synthetic_root(cfg)
-        if not (root / "meta.json").is_file():
-            generate(
-                root,
-                sequences=cfg.synth_sequences,
-                cameras=cfg.synth_cameras,
-                frames=cfg.synth_frames,
-                size=cfg.synth_size,
-                seed=cfg.seed,
-                progress=progress,
-            )
-        return discover_handco(root, source_name="synthetic", **handco)
-    root = cfg.root or os.environ.get("HANCO_ROOT") or "./data/HanCo"
-    return discover_handco(root, **handco)
 
 
 # ------------------------------------------------------------------ Ray workers
@@ -294,8 +179,9 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
     return False
 
 
-def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
+def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
     """Run a whole build; returns the summary (also written to OUT/summary.json)."""
+    rt = rt or Runtime()
     t0 = time.perf_counter()
     lap = _Laps()
     check_config(cfg)
@@ -366,7 +252,7 @@ def build(cfg: BuildConfig, rt: Runtime = Runtime()) -> dict:
         lap("shards")
     lap("ray_stop")
 
-    summary = _finish(out, cfg, disc, plan, committed, infos, backend, weights_path)
+    summary = write_outputs(out, cfg, disc, plan, committed, infos, backend, weights_path)
     lap("index_manifest")
     wall = time.perf_counter() - t0
     summary.update(
@@ -417,115 +303,3 @@ def _write_shards(plan: Plan, out: Path, work: Path, cfg, rt, cpus) -> dict[tupl
             infos[(split, n)] = info
             bar.update(1)
     return infos
-
-
-def _finish(out, cfg, disc, plan, committed, infos, backend, weights_path) -> dict:
-    """Index, skip record, manifest (last). Returns the summary counts."""
-    rows = []
-    for split, shards in plan.shards.items():
-        for n, ws in enumerate(shards):
-            rel = infos[(split, n)]["path"]
-            for pos, w in enumerate(ws):
-                j = w.sample_json()
-                rows.append({**{k: j[k] for k in (
-                    "key", "split", "clip_id", "source", "sequence", "camera", "subject",
-                    "object", "frame_ids", "flow_msq", "weight")}, "shard": rel, "position": pos})  # fmt: skip
-    write_index(out / "index.parquet", rows)
-
-    skipped = [
-        {"source_path": e.path, "clip_id": e.track_id, "frame_id": e.frame_id, "reason": e.reason}
-        for e in disc.excluded
-    ]
-    for tid, meta in committed.items():
-        for path, fid, reason in meta["skipped"]:
-            skipped.append({"source_path": path, "clip_id": tid, "frame_id": fid, "reason": reason})
-    for track, fids in plan.short_clip_frames:
-        paths = {f.frame_id: f.path for f in track.frames}
-        for fid in fids:
-            skipped.append(
-                {
-                    "source_path": paths[fid],
-                    "clip_id": track.track_id,
-                    "frame_id": fid,
-                    "reason": SHORT_CLIP,
-                }  # fmt: skip
-            )
-    skipped.sort(key=lambda r: (r["clip_id"], r["frame_id"], r["reason"]))
-    write_skipped(out / "skipped.parquet", skipped)
-
-    members = [f"f{k}.png" for k in range(cfg.window)]
-    if cfg.keep_mask and any(m.get("has_masks") for m in committed.values()):
-        members += [f"mask{k}.png" for k in range(cfg.window)]
-    if cfg.keep_flow:
-        members.append("flow.npy")
-    members.append("json")
-    by_reason = Counter(r["reason"] for r in skipped)
-    counts = {
-        **plan.counts,
-        "frames_input": sum(m["n_input"] for m in committed.values()),
-        "frames_excluded": len(disc.excluded),
-        "frames_skipped": len(skipped) - len(disc.excluded),
-    }
-    flow_side = cfg.flow_size or _first_flow_side(committed)
-    splits = {}
-    for split, shards in plan.shards.items():
-        entries = [infos[(split, n)] for n in range(len(shards))]
-        splits[split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
-    manifest = {
-        "spec_version": SPEC_VERSION,
-        "window": cfg.window,
-        "image_size": cfg.size,
-        "flow_size": flow_side,
-        "members": members,
-        "code_version": _code_version(),
-        "build_config": {**dataclasses.asdict(cfg), "flow": backend},
-        "source": {"kind": cfg.src, "root": disc.root, "fingerprint": disc.fingerprint},
-        "splits": splits,
-        "flow": {
-            "backend": backend,
-            "weights": weights_path if backend in fl.RAFT_BACKENDS else None,
-            "weights_sha256": fl.file_sha256(weights_path),
-            "random_weights": backend in fl.RAFT_BACKENDS and weights_path is None,
-            "sigma": plan.sigma,
-            "sigma_rule": "median flow_msq over the train split's adjacent pairs",
-            "stats": plan.flow_stats["train"]
-            if plan.flow_stats["train"]["count"]
-            else plan.flow_stats["val"],
-        },
-        "counts": {**counts, **{f"skipped_{k}": v for k, v in sorted(by_reason.items())}},
-    }
-    write_manifest(out / "dataset.json", manifest)
-    return {
-        **counts,
-        "splits": {s: v["samples"] for s, v in splits.items()},
-        "skipped_by_reason": dict(sorted(by_reason.items())),
-        "sigma": plan.sigma,
-        "flow_backend": backend,
-        "out": str(out),
-    }
-
-
-def _first_flow_side(committed: dict) -> int:
-    """The flow side when --flow-size is unset: the cropped source side (0 if unknown)."""
-    return next((int(m["flow_side"]) for m in committed.values() if m.get("flow_side")), 0)
-
-
-def _code_version() -> str:
-    try:
-        return metadata.version("framebridge")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def format_summary(s: dict) -> str:
-    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped_by_reason"].items()) or "none"
-    splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
-    return "\n".join(
-        [
-            f"built {s['out']}: {s['windows']} windows ({splits}) in {s['shards']} shards",
-            f"  clips {s['clips']}  frames in {s['frames_input']}  kept {s['frames_kept']}  "
-            f"pairs {s['pairs']}  flow {s['flow_backend']}  sigma {s['sigma']:.4g}",
-            f"  skipped/excluded: {skipped}",
-            f"  wall {s.get('wall_s', 0):.1f} s, {s.get('frames_per_s') or 0:.1f} frames/s",
-        ]
-    )

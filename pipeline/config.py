@@ -1,0 +1,129 @@
+"""What a build is asked to do: its configuration, checked before any work, and its inputs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import frames as fr
+from pipeline.sources import Discovery, SourceError, discover_handco, discover_video
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or go on; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides the bytes of the output (recorded in the manifest)."""
+
+    src: str = "synthetic"
+    root: str | None = None
+    size: int = 128
+    flow: str = "auto"
+    flow_size: int | None = None
+    flow_weights: str | None = None
+    flow_precision: str = "fp32"
+    flow_batch: int = 8
+    raft_iters: int = 12
+    keep_flow: int = 0
+    keep_mask: bool = False
+    window: int = 3
+    split_by: str = "sequence"
+    val_fraction: float = 0.05
+    max_windows: int | None = None
+    seed: int = 0
+    shard_size: int = 1000
+    mask: str = "fg"
+    mask_root: str | None = None
+    bg: str = "black"
+    cameras: str | None = None
+    sequences: str | None = None
+    frame_stride: int = 1
+    max_clips: int | None = None
+    all_frames: bool = False
+    synth_sequences: int = 8
+    synth_cameras: int = 2
+    synth_frames: int = 32
+    synth_size: int = 224
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the build runs; never changes the output."""
+
+    out: str = "shards"
+    workers: int | None = None
+    address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    flow_actors: int | None = None
+    keep_work: bool = False
+
+
+def check_config(cfg: BuildConfig) -> None:
+    """Reject bad options before any work starts."""
+    if cfg.src not in ("handco", "synthetic", "video"):
+        raise SourceError(f"unknown source {cfg.src!r}: expected handco, synthetic or video")
+    for name in ("size", "flow_size"):
+        v = getattr(cfg, name)
+        if v is not None and (v < 8 or v % 8):
+            raise BuildError(
+                f"--{name.replace('_', '-')} must be a positive multiple of 8, not {v}"
+            )
+    if cfg.window < 2:
+        raise BuildError("--window must be at least 2")
+    if not 0 <= cfg.val_fraction < 1:
+        raise BuildError("--val-fraction must be in [0, 1)")
+    if cfg.shard_size < 1:
+        raise BuildError("--shard-size must be at least 1")
+    if cfg.split_by not in ("sequence", "subject"):
+        raise BuildError("--split-by must be sequence or subject")
+    if cfg.flow_precision not in ("fp32", "bf16", "fp16"):
+        raise BuildError("--flow-precision must be fp32, bf16 or fp16")
+    fr.parse_bg(cfg.bg)
+
+
+def synthetic_root(cfg: BuildConfig) -> Path:
+    base = Path(os.environ.get("FRAMEBRIDGE_CACHE", "~/.cache/framebridge")).expanduser()
+    return base / (
+        f"synthetic-n{cfg.synth_sequences}-c{cfg.synth_cameras}-f{cfg.synth_frames}"
+        f"-s{cfg.synth_size}-seed{cfg.seed}"
+    )
+
+
+def discover(cfg: BuildConfig, progress: bool = True) -> Discovery:
+    common = {
+        "frame_stride": cfg.frame_stride,
+        "max_clips": cfg.max_clips,
+        "split_by": cfg.split_by,
+    }
+    if cfg.src == "video":
+        if not cfg.root:
+            raise SourceError("--src video needs --root PATH (a video file or a folder of videos)")
+        return discover_video(cfg.root, mask_root=cfg.mask_root, **common)
+    handco = {
+        "mask": cfg.mask,
+        "cameras": cfg.cameras,
+        "sequences": cfg.sequences,
+        "green_screen_only": not cfg.all_frames,
+        **common,
+    }
+    if cfg.src == "synthetic":
+        from pipeline.synth import generate
+
+        root = Path(cfg.root) if cfg.root else synthetic_root(cfg)
+        if not (root / "meta.json").is_file():
+            generate(
+                root,
+                sequences=cfg.synth_sequences,
+                cameras=cfg.synth_cameras,
+                frames=cfg.synth_frames,
+                size=cfg.synth_size,
+                seed=cfg.seed,
+                progress=progress,
+            )
+        return discover_handco(root, source_name="synthetic", **handco)
+    root = cfg.root or os.environ.get("HANCO_ROOT") or "./data/HanCo"
+    return discover_handco(root, **handco)
