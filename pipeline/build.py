@@ -1,7 +1,8 @@
 """`pipeline build`: sources -> tracks (Ray tasks, flow actors) -> plan -> shards (Ray tasks).
 
-Resumable: tracks and shards are committed atomically under ``OUT/.work`` and skipped when a
-build is run again with the same configuration; the manifest is written last.
+Resumable: tracks are committed atomically under ``OUT/.cache`` (kept after the build, keyed by
+their inputs and the options that change frames or flow) and shards under ``OUT/.work``; both are
+skipped when the build is run again; the manifest is written last.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -24,6 +25,7 @@ from pipeline.config import (  # noqa: F401 - re-exported: the build API in one 
     BuildError,
     Runtime,
     check_config,
+    check_runtime,
     discover,
     synthetic_root,
 )
@@ -31,11 +33,14 @@ from pipeline.outputs import format_summary, write_outputs  # noqa: F401 - re-ex
 from pipeline.plan import Plan, make_plan
 from pipeline.raycluster import ray_session
 from pipeline.shards import done_shard, window_job, write_planned_shard
-from pipeline.sources import Discovery, Track
-from pipeline.tracks import TrackOptions, commit_flow, load_meta, process_track
+from pipeline.sources import Discovery, Track, default_flow_size
+from pipeline.tracks import ChunkedPairs, CpuPairs, TrackOptions, load_meta, process_track
 from shards_spec.writer import atomic_write_json
 
-BUILD_FILES = {"dataset.json", "index.parquet", "skipped.parquet", "summary.json", ".work"}
+CACHE = ".cache"  # OUT/.cache/{track_id}: stage-1 results, kept for later builds (--drop-cache)
+BUILD_FILES = {
+    "dataset.json", "index.parquet", "skipped.parquet", "summary.json", ".work", CACHE
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------ Ray workers
@@ -53,28 +58,38 @@ def _cpu_flow(backend: str):
 
 
 @ray.remote(num_cpus=1)
-def _track_task(work: str, track: Track, opts: TrackOptions, backend: str) -> dict:
-    return process_track(Path(work), track, opts, _cpu_flow(backend))[0]
+def _track_task(cache: str, track: Track, opts: TrackOptions, backend: str) -> dict:
+    pairs = CpuPairs(_cpu_flow(backend), opts.keep_flow)
+    return process_track(Path(cache), track, opts, pairs)
 
 
-@ray.remote(num_cpus=1, num_returns=2)
-def _prepare_task(work: str, track: Track, opts: TrackOptions):
+@ray.remote(num_cpus=1)
+def _raft_track_task(cache: str, track: Track, opts: TrackOptions, actor, chunk: int) -> dict:
+    """Frames on this CPU task; flow on a RAFT actor, one bounded chunk of a clip at a time."""
     import cv2
 
     cv2.setNumThreads(1)
-    return process_track(Path(work), track, opts, None)
+    pairs = ChunkedPairs(
+        submit=lambda frames: actor.run.remote(frames, opts.keep_flow),
+        fetch=ray.get,
+        chunk=chunk,
+    )
+    return process_track(Path(cache), track, opts, pairs)
 
 
 @ray.remote
 class FlowActor:
-    """One RAFT model per actor (one actor per GPU); flow for whole tracks, batched."""
+    """One RAFT model per actor (one actor per GPU); flow for chunks of clips, batched."""
 
     def __init__(self, raft: fl.RaftConfig):
         self.flow = fl.RaftFlow(raft)
 
-    def run(self, work: str, track: Track, meta: dict, clips, keep_flow: int) -> dict:
-        flows = [self.flow.pairs(c) if len(c) > 1 else [] for c in clips]
-        return commit_flow(Path(work), track, meta, flows, keep_flow)
+    def run(self, frames, keep_flow: int):
+        """Pairs of consecutive ``frames`` -> (flow_msq per pair, stored fields or None)."""
+        fields = self.flow.pairs(frames)
+        msq = [fl.flow_msq(f) for f in fields]
+        stored = [fl.downsample_flow(f, keep_flow) for f in fields] if keep_flow else None
+        return msq, stored
 
 
 @ray.remote(num_cpus=1)
@@ -82,7 +97,7 @@ def _shard_task(out: str, work: str, split: str, n: int, jobs: list[dict]) -> di
     return write_planned_shard(Path(out), Path(work), split, n, jobs)
 
 
-def _bounded(submit, items: Sequence, limit: int) -> Iterator[tuple[object, object]]:
+def _bounded(submit, items, limit: int) -> Iterator[tuple[object, object]]:
     """Submit ``submit(item) -> ref`` with at most ``limit`` refs in flight; yield (item, value)."""
     it = iter(items)
     pending: dict = {}
@@ -98,85 +113,122 @@ def _bounded(submit, items: Sequence, limit: int) -> Iterator[tuple[object, obje
 
 # ------------------------------------------------------------------ stages
 
+RAFT_CHUNK = 32  # frames of a clip sent to a RAFT actor at once (bounded memory per task)
+
 
 def _in_flight(cpus: float, workers: int | None) -> int:
     """Tasks kept in flight: --workers exactly, else two per CPU so no core waits on the driver."""
     return workers if workers else max(1, 2 * int(cpus))
 
 
-def _run_tracks(todo, work, opts, backend, raft, cpus, gpus, rt, bar) -> Iterator[tuple]:
+def _run_tracks(todo, cache, opts, backend, raft, cpus, gpus, rt, bar) -> Iterator[tuple]:
     limit = _in_flight(cpus, rt.workers)
     if backend in fl.CPU_BACKENDS:
 
         def submit(t):
-            return _track_task.remote(str(work), t, opts, backend)
+            return _track_task.remote(str(cache), t, opts, backend)
 
         for track, meta in _bounded(submit, todo, limit):
-            bar.update(len(track.frames))
+            bar.update(max(track.expected, 1))
             yield track, meta
         return
 
-    n_actors = rt.flow_actors or (int(gpus) if gpus >= 1 else 1)
-    # A CPU actor reserves a core only when another is left for the prepare tasks.
+    n_actors = _flow_actors(rt.flow_actors, cpus, gpus)
+    # A CPU actor reserves a core only when another is left for the frame tasks.
     actor_opts = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1 if cpus >= 2 else 0}
     actors = [FlowActor.options(**actor_opts).remote(raft) for _ in range(n_actors)]
     turn = iter(range(1 << 62))
 
-    def submit(t):  # prepare on a CPU task, then flow on the next actor; frames stay in Ray
-        meta_ref, clips_ref = _prepare_task.remote(str(work), t, opts)
+    def submit(t):
         actor = actors[next(turn) % n_actors]
-        return actor.run.remote(str(work), t, meta_ref, clips_ref, opts.keep_flow)
+        return _raft_track_task.remote(str(cache), t, opts, actor, RAFT_CHUNK)
 
     for track, meta in _bounded(submit, todo, limit + 2 * n_actors):
-        bar.update(len(track.frames))
+        bar.update(max(track.expected, 1))
         yield track, meta
 
 
-def _identity(cfg: BuildConfig, disc: Discovery, backend: str) -> dict:
-    return {"config": {**dataclasses.asdict(cfg), "flow": backend}, "fingerprint": disc.fingerprint}
+def _flow_actors(requested: int | None, cpus: float, gpus: float) -> int:
+    """RAFT actors: one per GPU by default; never more than the cluster can place."""
+    if requested is None:
+        return int(gpus) if gpus >= 1 else 1
+    room = int(gpus) if gpus >= 1 else max(1, int(cpus) - 1)
+    if requested > room:
+        where = f"{int(gpus)} GPUs" if gpus >= 1 else f"{int(cpus)} CPUs (one is kept for frames)"
+        raise BuildError(
+            f"--flow-actors {requested}: the Ray cluster can place at most {room} (it has {where})"
+        )
+    return requested
+
+
+def _identity(cfg: BuildConfig, disc: Discovery, backend: str, flow_size: int) -> dict:
+    config = {**dataclasses.asdict(cfg), "flow": backend, "flow_size": flow_size}
+    return {"config": config, "fingerprint": disc.fingerprint}
 
 
 def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
-    """Check ``out`` against this config. True when the build there is already complete."""
+    """Check ``out`` against this config. True when the build there is already complete.
+
+    A finished build of another configuration or other source data is refused unless
+    ``overwrite``; an unfinished one of the same configuration is resumed (its shards are kept
+    only if the source data is unchanged). The track cache is never removed here: each entry
+    carries its own key and is recomputed when that no longer matches.
+    """
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file, not a folder")
     work = out / ".work"
     previous = None
     if (out / "dataset.json").is_file():
-        m = json.loads((out / "dataset.json").read_text())
-        previous = {"config": m.get("build_config"), "fingerprint": m["source"]["fingerprint"]}
+        try:
+            m = json.loads((out / "dataset.json").read_text())
+            previous = {"config": m.get("build_config"), "fingerprint": m["source"]["fingerprint"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = {"config": None, "fingerprint": None}
     elif (work / "config.json").is_file():
-        previous = json.loads((work / "config.json").read_text())
+        try:
+            previous = json.loads((work / "config.json").read_text())
+        except (OSError, ValueError):
+            previous = None
     if out.is_dir():
-        foreign = [
-            p.name
-            for p in out.iterdir()
-            if p.name not in BUILD_FILES and not (p.is_dir() and p.name in ("train", "val"))
-        ]
-        if foreign and previous is None:
+        foreign = [p.name for p in out.iterdir() if p.name not in BUILD_FILES | {"train", "val"}]
+        if foreign and previous is None and not (work.is_dir() or (out / CACHE).is_dir()):
             raise BuildError(f"{out} is not empty and holds no build; choose another --out")
+    finished = (out / "dataset.json").is_file()
+    same_config = previous is not None and previous.get("config") == identity["config"]
+    if previous is not None and not same_config and not overwrite:
+        old = previous.get("config") or {}
+        changed = sorted(k for k in set(old) | set(identity["config"])
+                         if old.get(k) != identity["config"].get(k))  # fmt: skip
+        raise BuildError(
+            f"{out} holds a build with a different configuration ({', '.join(changed)}); "
+            "pass --overwrite to replace it or choose another --out"
+        )
+    source_changed = previous is not None and previous.get("fingerprint") != identity["fingerprint"]
+    if finished and same_config and source_changed and not overwrite:
+        raise BuildError(
+            f"{out} holds a build of other source data (files were added, removed or "
+            "changed since); pass --overwrite to rebuild it (unchanged tracks are reused)"
+        )
     if previous is not None and previous != identity:
-        if not overwrite:
-            changed = sorted(
-                k
-                for k in set(previous.get("config") or {}) | set(identity["config"])
-                if (previous.get("config") or {}).get(k) != identity["config"].get(k)
-            )
-            what = ", ".join(changed) or "source data"
-            raise BuildError(
-                f"{out} holds a build with a different configuration ({what}); "
-                "pass --overwrite to replace it or choose another --out"
-            )
         for name in (*BUILD_FILES, "train", "val"):
+            if name == CACHE:
+                continue
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
         previous = None
-    if previous is not None and (out / "dataset.json").is_file():
+    if previous is not None and finished:
         return True
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "config.json", identity)
     return False
+
+
+def _check_resources(cfg: BuildConfig, rt: Runtime, res: dict, backend: str) -> None:
+    if backend in fl.RAFT_BACKENDS:
+        _flow_actors(rt.flow_actors, res["cpus"], res["gpus"])
 
 
 def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
@@ -185,15 +237,28 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
     t0 = time.perf_counter()
     lap = _Laps()
     check_config(cfg)
-    disc = discover(cfg, rt.progress)
+    check_runtime(rt)
     out = Path(rt.out)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file, not a folder")
+    disc = discover(cfg, rt.progress)
+    for note in disc.notes or ():
+        print(f"warning: {note}", file=sys.stderr)
+    flow_size = cfg.flow_size or default_flow_size(disc.tracks)
+    if not flow_size:
+        raise BuildError(
+            "could not read the size of any input frame; pass --flow-size (a multiple of 8)"
+        )
     work = out / ".work"
+    cache = out / CACHE
     lap("discover")
     with ray_session(rt.address, rt.workers) as res:
         lap("ray_start")
         backend = fl.resolve_backend(cfg.flow, res["gpus"])
+        _check_resources(cfg, rt, res, backend)
         raft = None
         weights_path = None
+        flow_id = ""
         if backend in fl.RAFT_BACKENDS:
             raft = fl.RaftConfig(
                 backend, cfg.flow_weights, cfg.flow_precision, cfg.flow_batch, cfg.raft_iters
@@ -202,29 +267,31 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
             if weights_path is None:
                 print("warning: RAFT with random weights (--flow-weights none): flow values are "
                       "meaningless; for tests and benchmarks only", file=sys.stderr)  # fmt: skip
-        identity = _identity(cfg, disc, backend)
+            flow_id = json.dumps([fl.file_sha256(weights_path), cfg.flow_precision,
+                                  cfg.raft_iters, cfg.flow_batch])  # fmt: skip
+        identity = _identity(cfg, disc, backend, flow_size)
         if _prepare_out(out, identity, rt.overwrite):
             print(f"{out}: already complete; nothing to do")
             return json.loads((out / "summary.json").read_text())
-        spec = fr.FrameSpec(cfg.size, cfg.flow_size, fr.parse_bg(cfg.bg))
-        opts = TrackOptions(spec, cfg.keep_mask, cfg.keep_flow)
+        spec = fr.FrameSpec(cfg.size, flow_size, fr.parse_bg(cfg.bg))
+        opts = TrackOptions(spec, cfg.keep_mask, cfg.keep_flow, backend, flow_id)
 
         # Stage 1: tracks (each frame decoded once, each pair's flow once)
         committed: dict[str, dict] = {}
         todo = []
         for t in disc.tracks:
-            meta = load_meta(work, t)
+            meta = load_meta(cache, t, opts)
             if meta is None:
                 todo.append(t)
             else:
                 committed[t.track_id] = meta
-        todo.sort(key=lambda t: -len(t.frames))  # longest first: the last task ends soonest
-        total = sum(len(t.frames) for t in disc.tracks)
-        done = sum(len(t.frames) for t in disc.tracks if t.track_id in committed)
+        todo.sort(key=lambda t: -t.expected)  # longest first: the last task ends soonest
+        total = sum(max(t.expected, 1) for t in disc.tracks)
+        done = sum(max(t.expected, 1) for t in disc.tracks if t.track_id in committed)
         with tqdm(total=total, initial=done, unit="frame", desc="frames+flow",
                   disable=not rt.progress, dynamic_ncols=True) as bar:  # fmt: skip
             for track, meta in _run_tracks(
-                todo, work, opts, backend, raft, res["cpus"], res["gpus"], rt, bar
+                todo, cache, opts, backend, raft, res["cpus"], res["gpus"], rt, bar
             ):
                 committed[track.track_id] = meta
         lap("frames_flow")
@@ -248,11 +315,13 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
         lap("plan")
 
         # Stage 3: shards
-        infos = _write_shards(plan, out, work, cfg, rt, res["cpus"])
+        infos = _write_shards(plan, out, work, cache, cfg, rt, res["cpus"])
         lap("shards")
     lap("ray_stop")
 
-    summary = write_outputs(out, cfg, disc, plan, committed, infos, backend, weights_path)
+    summary = write_outputs(
+        out, cfg, disc, plan, committed, infos, backend, weights_path, flow_size
+    )
     lap("index_manifest")
     wall = time.perf_counter() - t0
     summary.update(
@@ -263,7 +332,19 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
     atomic_write_json(out / "summary.json", summary)
     if not rt.keep_work:
         shutil.rmtree(work, ignore_errors=True)
+    if rt.drop_cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    else:
+        _prune_cache(cache, {t.track_id for t in disc.tracks})
     return summary
+
+
+def _prune_cache(cache: Path, keep: set[str]) -> None:
+    """Remove cached tracks that are no longer part of the source."""
+    if cache.is_dir():
+        for d in cache.iterdir():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class _Laps:
@@ -279,14 +360,16 @@ class _Laps:
         self._t = now
 
 
-def _write_shards(plan: Plan, out: Path, work: Path, cfg, rt, cpus) -> dict[tuple[str, int], dict]:
+def _write_shards(
+    plan: Plan, out: Path, work: Path, cache: Path, cfg, rt, cpus
+) -> dict[tuple[str, int], dict]:
     infos: dict[tuple[str, int], dict] = {}
     todo = []
     for split, shards in plan.shards.items():
         for n, ws in enumerate(shards):
             info = done_shard(work, split, n, out)
             if info is None:
-                jobs = [window_job(w, work, cfg.keep_mask, bool(cfg.keep_flow)) for w in ws]
+                jobs = [window_job(w, cache, cfg.keep_mask, bool(cfg.keep_flow)) for w in ws]
                 todo.append((split, n, jobs))
             else:
                 infos[(split, n)] = info

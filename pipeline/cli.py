@@ -63,6 +63,13 @@ def _add_build(p: argparse.ArgumentParser) -> None:
     run.add_argument("--flow-actors", type=int, help="RAFT actors (default: one per GPU)")
     run.add_argument("--overwrite", action="store_true", help="replace a build of another config")
     run.add_argument("--keep-work", action="store_true", help="keep OUT/.work after success")
+    run.add_argument(
+        "--drop-cache",
+        action="store_true",
+        help="remove OUT/.cache (decoded frames and flow per track) after success; kept by "
+        "default so a rebuild with other plan options (seed, window, shard size, ...) "
+        "reuses it",
+    )
     run.add_argument("--no-progress", action="store_true")
 
 
@@ -79,6 +86,7 @@ def _run_build(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         flow_actors=args.flow_actors,
         keep_work=args.keep_work,
+        drop_cache=args.drop_cache,
     )
     print(format_summary(build(cfg, rt)))
     return 0
@@ -96,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pipeline", description="Turn video datasets into flow-weighted frame-window shards."
     )
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="build shards from a dataset (Ray-parallel, resumable)")
     _add_build(p)
@@ -124,12 +133,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (BuildError, FlowError, SourceError, SpecError, ValueError) as e:
-        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except (BuildError, FlowError, SourceError, SpecError, ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"pipeline {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an error raised inside a Ray task or actor
+        if args.debug or not _is_ray_error(e):
+            raise
+        print(f"pipeline {args.command}: error: {one_line(e)} (--debug shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _is_ray_error(e: BaseException) -> bool:
+    return type(e).__module__.startswith("ray.")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user's exception inside a Ray error (RayTaskError wraps it as ``cause``)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            e = cause
+            continue
+        break
+    return e
+
+
+def one_line(e: BaseException) -> str:
+    """One line for the user: disk full says so; a Ray task's error shows its own message."""
+    import errno
+
+    e = _root_cause(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"disk full{where}: free some space and run the same command again to resume"
+    text = str(e).strip().splitlines()
+    msg = text[-1] if text else ""
+    if _is_ray_error(e) or not isinstance(e, (ValueError, RuntimeError)):
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What a build is asked to do: its configuration, checked before any work, and its inputs."""
+"""What a build is asked to do: its configuration and runtime, checked before any work, and which
+source adapter lists its inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import frames as fr
-from pipeline.sources import Discovery, SourceError, discover_handco, discover_video
+from pipeline.handco import discover_handco
+from pipeline.sources import Discovery, SourceError, parse_selection
+from pipeline.videos import discover_video
 
 
 class BuildError(RuntimeError):
@@ -60,29 +63,49 @@ class Runtime:
     progress: bool = True
     flow_actors: int | None = None
     keep_work: bool = False
+    drop_cache: bool = False  # remove OUT/.cache (the track cache) after a successful build
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise BuildError(f"--{name.replace('_', '-')} must be an integer >= {low}, not {value!r}")
 
 
 def check_config(cfg: BuildConfig) -> None:
-    """Reject bad options before any work starts."""
+    """Reject bad options before any work starts: one line each."""
     if cfg.src not in ("handco", "synthetic", "video"):
         raise SourceError(f"unknown source {cfg.src!r}: expected handco, synthetic or video")
     for name in ("size", "flow_size"):
         v = getattr(cfg, name)
-        if v is not None and (v < 8 or v % 8):
+        if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
             raise BuildError(
                 f"--{name.replace('_', '-')} must be a positive multiple of 8, not {v}"
             )
-    if cfg.window < 2:
-        raise BuildError("--window must be at least 2")
+    for name, low in (("window", 2), ("shard_size", 1), ("seed", 0), ("max_windows", 1),
+                      ("keep_flow", 0), ("flow_batch", 1), ("raft_iters", 1),
+                      ("frame_stride", 1), ("max_clips", 1), ("synth_sequences", 1),
+                      ("synth_cameras", 1), ("synth_frames", 1)):  # fmt: skip
+        _at_least(name, getattr(cfg, name), low)
     if not 0 <= cfg.val_fraction < 1:
         raise BuildError("--val-fraction must be in [0, 1)")
-    if cfg.shard_size < 1:
-        raise BuildError("--shard-size must be at least 1")
     if cfg.split_by not in ("sequence", "subject"):
         raise BuildError("--split-by must be sequence or subject")
     if cfg.flow_precision not in ("fp32", "bf16", "fp16"):
         raise BuildError("--flow-precision must be fp32, bf16 or fp16")
+    if cfg.mask not in ("fg", "hand", "none"):
+        raise BuildError(f"--mask must be fg, hand or none, not {cfg.mask!r}")
+    if cfg.keep_mask and cfg.src in ("handco", "synthetic") and cfg.mask == "none":
+        raise BuildError("--keep-mask needs masks: not with --mask none")
+    if cfg.src != "video" and cfg.mask_root:
+        raise BuildError("--mask-root is for --src video; HanCo masks come from --mask")
+    parse_selection(cfg.cameras, "cameras")
+    parse_selection(cfg.sequences, "sequences")
     fr.parse_bg(cfg.bg)
+
+
+def check_runtime(rt: Runtime) -> None:
+    _at_least("workers", rt.workers, 1)
+    _at_least("flow_actors", rt.flow_actors, 1)
 
 
 def synthetic_root(cfg: BuildConfig) -> Path:
@@ -102,7 +125,7 @@ def discover(cfg: BuildConfig, progress: bool = True) -> Discovery:
     if cfg.src == "video":
         if not cfg.root:
             raise SourceError("--src video needs --root PATH (a video file or a folder of videos)")
-        return discover_video(cfg.root, mask_root=cfg.mask_root, **common)
+        return discover_video(cfg.root, mask_root=cfg.mask_root, keep_mask=cfg.keep_mask, **common)
     handco = {
         "mask": cfg.mask,
         "cameras": cfg.cameras,

@@ -35,8 +35,8 @@ class FlowError(RuntimeError):
 
 def flow_msq(flow: np.ndarray) -> float:
     """Mean squared flow magnitude of one (H, W, 2) or (2, H, W) field, in pixels^2."""
-    f = flow.astype(np.float64, copy=False)
-    return float(np.mean(np.sum(f * f, axis=-1 if f.shape[-1] == 2 else 0)))
+    f = np.ascontiguousarray(flow, dtype=np.float32).reshape(-1)
+    return float(np.dot(f, f)) / (f.size // 2) if f.size else 0.0
 
 
 def resolve_backend(name: str, gpus: float) -> str:

@@ -21,7 +21,13 @@ CORRUPT_MASK = "corrupt_mask"
 EMPTY_MASK = "empty_mask"
 MASK_SIZE = "mask_size_mismatch"
 UNREADABLE_VIDEO_FRAME = "unreadable_video_frame"
+VIDEO_STREAM_ENDED = "video_stream_ended"  # the header promised frames the stream never gave
 FRAME_SIZE = "frame_size_mismatch"
+EMPTY_FILE = "empty_file"  # zero bytes: an interrupted download or copy
+EMPTY_MASK_FILE = "empty_mask_file"
+READ_ERROR = "read_error"  # an I/O error: worth retrying on the next run
+MASK_READ_ERROR = "mask_read_error"
+TRANSIENT = frozenset({READ_ERROR, MASK_READ_ERROR})
 
 BG_NAMES = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
 
@@ -53,18 +59,36 @@ class Prepared:
     mask: np.ndarray | None  # output-size uint8 0/255, when a mask was applied
 
 
-def read_image(path: str) -> tuple[np.ndarray | None, str | None]:
-    """Decode an image file to RGB uint8, or give the reason it cannot be used."""
+def _read(path: str, missing: str, empty: str, error: str) -> tuple[bytes | None, str | None]:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        return None, MISSING_IMAGE
+        return None, missing
+    except IsADirectoryError:
+        return None, missing
     except OSError:
-        return None, CORRUPT_IMAGE
+        return None, error
+    return (data, None) if data else (None, empty)
+
+
+def _decode(data: bytes, flags: int) -> np.ndarray | None:
+    """cv2.imdecode that never raises: whatever the decoder does with bad bytes, None."""
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except Exception:  # OpenCV asserts on some inputs (e.g. empty buffers in OpenCV 5)
+        return None
+    return img if img is not None and img.size else None
+
+
+def read_image(path: str) -> tuple[np.ndarray | None, str | None]:
+    """Decode an image file to RGB uint8, or give the reason it cannot be used."""
+    data, reason = _read(path, MISSING_IMAGE, EMPTY_FILE, READ_ERROR)
+    if data is None:
+        return None, reason
     if path.lower().endswith((".jpg", ".jpeg")) and not _jpeg_complete(data):
         return None, TRUNCATED_JPEG
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
+    img = _decode(data, cv2.IMREAD_COLOR)
+    if img is None or img.ndim != 3:
         return None, CORRUPT_IMAGE
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
 
@@ -77,12 +101,11 @@ def _jpeg_complete(data: bytes) -> bool:
 def read_mask(path: str | None) -> tuple[np.ndarray | None, str | None]:
     """Decode a JPEG/PNG mask and threshold it at half intensity (JPEG edges are soft)."""
     if path is None:
-        return None, None
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
         return None, MISSING_MASK
-    m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    data, reason = _read(path, MISSING_MASK, EMPTY_MASK_FILE, MASK_READ_ERROR)
+    if data is None:
+        return None, reason
+    m = _decode(data, cv2.IMREAD_GRAYSCALE)
     if m is None or (path.lower().endswith((".jpg", ".jpeg")) and not _jpeg_complete(data)):
         return None, CORRUPT_MASK
     return threshold_mask(m), None
@@ -129,28 +152,49 @@ def prepare(
     return Prepared(np.ascontiguousarray(out), np.ascontiguousarray(flow), out_mask), None
 
 
-def iter_video(path: str, frame_ids: list[int]) -> Iterator[tuple[int, np.ndarray | None]]:
-    """Decode the wanted frames of a video sequentially: (frame_id, RGB or None if unreadable)."""
-    wanted = set(frame_ids)
-    last = max(frame_ids) if frame_ids else -1
+def iter_video(path: str, stride: int = 1) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Decode a video sequentially to its real end: (frame_id, RGB or None, reason).
+
+    Frame ids count the frames the stream actually gave, in order; the header's frame count is
+    not trusted (it can be smaller or larger). Frames that are not a multiple of ``stride`` are
+    grabbed but not decoded (reason ``frame_stride``). A frame whose data does not decode is
+    ``unreadable_video_frame`` and decoding goes on with the next one; a failed grab ends the
+    stream: OpenCV cannot tell a broken stream from its end, and seeking past the break can
+    return earlier frames again under new ids, so nothing after it is used. The caller records
+    what the header promised beyond that point (``video_stream_ended``).
+    """
     cap = cv2.VideoCapture(path)
     try:
+        if not cap.isOpened():
+            return
         i = 0
-        while i <= last:
-            ok = cap.grab()
+        while True:
+            try:
+                ok = cap.grab()
+            except Exception:
+                ok = False
             if not ok:
-                # A failed grab in the middle of a stream: report it and try to go on.
-                if i in wanted:
-                    yield i, None
-                i += 1
-                if not cap.set(cv2.CAP_PROP_POS_FRAMES, i):
-                    break
-                continue
-            if i in wanted:
-                ok, img = cap.retrieve()
-                yield i, cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if ok and img is not None else None
+                return
+            if i % stride:
+                yield i, None, "frame_stride"
+            else:
+                try:
+                    ok, img = cap.retrieve()
+                except Exception:
+                    ok, img = False, None
+                if ok and img is not None and img.ndim == 3 and img.size:
+                    yield i, cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
+                else:
+                    yield i, None, UNREADABLE_VIDEO_FRAME
             i += 1
-        for j in sorted(f for f in wanted if f >= i):  # stream ended early
-            yield j, None
+    finally:
+        cap.release()
+
+
+def video_frame_count(path: str) -> int:
+    """The header's frame count (may be wrong; 0 when unknown)."""
+    cap = cv2.VideoCapture(path)
+    try:
+        return max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if cap.isOpened() else 0
     finally:
         cap.release()

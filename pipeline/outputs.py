@@ -24,6 +24,7 @@ def write_outputs(
     infos: dict[tuple[str, int], dict],
     backend: str,
     weights_path: str | None,
+    flow_size: int,
 ) -> dict:
     """Index, skip record, manifest (last). Returns the summary counts."""
     rows = []
@@ -38,18 +39,19 @@ def write_outputs(
     write_index(out / "index.parquet", rows)
 
     skipped = [
-        {"source_path": e.path, "clip_id": e.track_id, "frame_id": e.frame_id, "reason": e.reason}
+        {"source_path": path, "clip_id": clip, "frame_id": fid, "reason": reason}
         for e in disc.excluded
+        for path, clip, fid, reason in e.rows()
     ]
+    n_excluded = len(skipped)
     for tid, meta in committed.items():
         for path, fid, reason in meta["skipped"]:
             skipped.append({"source_path": path, "clip_id": tid, "frame_id": fid, "reason": reason})
     for track, fids in plan.short_clip_frames:
-        paths = {f.frame_id: f.path for f in track.frames}
         for fid in fids:
             skipped.append(
                 {
-                    "source_path": paths[fid],
+                    "source_path": track.path_of(fid),
                     "clip_id": track.track_id,
                     "frame_id": fid,
                     "reason": SHORT_CLIP,
@@ -67,11 +69,10 @@ def write_outputs(
     by_reason = Counter(r["reason"] for r in skipped)
     counts = {
         **plan.counts,
-        "frames_input": sum(m["n_input"] for m in committed.values()),
-        "frames_excluded": len(disc.excluded),
-        "frames_skipped": len(skipped) - len(disc.excluded),
+        "frames_input": sum(m["n_input"] for m in committed.values()) + n_excluded,
+        "frames_excluded": n_excluded,
+        "frames_skipped": len(skipped) - n_excluded,
     }
-    flow_side = cfg.flow_size or _first_flow_side(committed)
     splits = {}
     for split, shards in plan.shards.items():
         entries = [infos[(split, n)] for n in range(len(shards))]
@@ -80,10 +81,10 @@ def write_outputs(
         "spec_version": SPEC_VERSION,
         "window": cfg.window,
         "image_size": cfg.size,
-        "flow_size": flow_side,
+        "flow_size": flow_size,
         "members": members,
         "code_version": _code_version(),
-        "build_config": {**dataclasses.asdict(cfg), "flow": backend},
+        "build_config": {**dataclasses.asdict(cfg), "flow": backend, "flow_size": flow_size},
         "source": {"kind": cfg.src, "root": disc.root, "fingerprint": disc.fingerprint},
         "splits": splits,
         "flow": {
@@ -108,11 +109,6 @@ def write_outputs(
         "flow_backend": backend,
         "out": str(out),
     }
-
-
-def _first_flow_side(committed: dict) -> int:
-    """The flow side when --flow-size is unset: the cropped source side (0 if unknown)."""
-    return next((int(m["flow_side"]) for m in committed.values() if m.get("flow_side")), 0)
 
 
 def _code_version() -> str:

@@ -13,9 +13,11 @@ import ray
 def ray_session(address: str | None = None, workers: int | None = None) -> Iterator[dict]:
     """Join ``address`` (or $RAY_ADDRESS), else start a private local Ray instance.
 
-    The local instance gets ``workers`` CPUs (default: all), no dashboard, no usage stats, and
-    workers at normal priority: Ray's default (niceness 15) lets its own agents and the driver
-    preempt the workers, which costs a build on a small machine a noticeable share of its CPU.
+    The local instance (``address="local"``) never attaches to another Ray found on the machine
+    (a stale ``/tmp/ray/ray_current_cluster`` included), listens on 127.0.0.1 only, and gets
+    ``workers`` CPUs, or what Ray itself detects (it respects a container's CPU quota). No
+    dashboard, no usage stats, and workers at normal priority: Ray's default (niceness 15) lets
+    its own agents and the driver preempt the workers on a small machine.
     A Ray that is already initialised in this process is used as it is and left running.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -23,15 +25,17 @@ def ray_session(address: str | None = None, workers: int | None = None) -> Itera
         yield _resources()
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
-            num_cpus=workers or os.cpu_count() or 1,
+            address="local",
+            num_cpus=workers,
             include_dashboard=False,
             configure_logging=False,
             log_to_driver=True,
+            _node_ip_address="127.0.0.1",
         )
     try:
         yield _resources()

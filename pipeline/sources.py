@@ -1,17 +1,21 @@
-"""Source adapters: turn a dataset on disk into tracks, before any pixel is read.
+"""What every source adapter produces: tracks of frames and excluded frames, before any pixel.
 
 A *track* is one run of frames that should be consecutive in the source (a HanCo
-(sequence, camera) run of consecutive frame ids, or one video). Frames that later fail to
-decode split a track into several clips; see :mod:`pipeline.tracks`.
+(sequence, camera) run of consecutive frame ids, a numbered frame folder's run, or one video).
+Frames that later fail to decode split a track into several clips; see :mod:`pipeline.tracks`.
+The adapters live in :mod:`pipeline.handco` and :mod:`pipeline.videos`.
+
+Tracks are compact (a folder and tuples of names and ids, no object per frame): a HanCo-sized
+discovery holds about 860k frames in the driver.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,49 +23,93 @@ VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SOURCES = ("handco", "synthetic", "video")
 
+# Selection and naming reasons (frames left out before decoding), as in skipped.parquet.
+NOT_GREEN_SCREEN = "not_green_screen"
+NOT_VALID = "not_valid"
+FRAME_STRIDE = "frame_stride"
+MAX_CLIPS = "max_clips"
+DUPLICATE_FRAME_ID = "duplicate_frame_id"
+DUPLICATE_MASK_ID = "duplicate_mask_id"
+NO_FRAME_NUMBER = "no_frame_number"
+
 
 class SourceError(ValueError):
-    """A source that cannot be read at all (missing root, empty dataset, bad option)."""
-
-
-@dataclass(frozen=True)
-class FrameRef:
-    """One input frame: where its pixels and (optional) mask live."""
-
-    frame_id: int
-    path: str  # image file, or the video file for video tracks
-    mask_path: str | None = None
+    """A source that cannot be read at all (missing root, bad meta.json, bad option)."""
 
 
 @dataclass(frozen=True)
 class Track:
-    """A run of frames that should be consecutive; the unit of parallel work."""
+    """A run of frames that should be consecutive; the unit of parallel work.
 
-    track_id: str  # key-safe: [A-Za-z0-9_-]
+    ``kind == "images"``: ``dir/names[i]`` is the frame with id ``ids[i]``, its mask (if any)
+    ``mask_dir/mask_names[i]`` (``None``: no mask file). ``kind == "video"``: ``dir`` is the
+    video file; its frames are found by decoding it to the end (``expected`` is the header's
+    frame count, for progress only), keeping every ``stride``-th.
+    """
+
+    track_id: str  # key-safe; also the clip id of its first run: f"{prefix}-{first id:08d}"
     prefix: str  # sample keys and clip ids are f"{prefix}-{frame_id:08d}"
     source: str
     kind: str  # "images" or "video"
-    frames: tuple[FrameRef, ...]
+    dir: str
+    ids: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    mask_dir: str | None = None
+    mask_names: tuple[str | None, ...] = ()
+    mask_video: str | None = None  # video tracks: a mask video, or a numbered mask folder
+    expected: int = 0
+    stride: int = 1
+    side: int = 0  # min(width, height) of its first readable frame; 0 when unknown
+    fingerprint: str = ""  # names and sizes of its files: a changed input invalidates its cache
     sequence: int | None = None
     camera: int | None = None
     subject: str | None = None
     object: str | None = None
-    mask_video: str | None = None  # video tracks: a mask video with the same frame count
     group: str = ""  # what the train/val split keys on (sequence or subject)
 
     def key(self, frame_id: int) -> str:
         """Sample key of the window starting at ``frame_id`` (no dots)."""
         return f"{self.prefix}-{frame_id:08d}"
 
+    def frame_path(self, i: int) -> str:
+        return os.path.join(self.dir, self.names[i])
+
+    def mask_path(self, i: int) -> str | None:
+        if self.mask_dir is None:
+            return None
+        name = self.mask_names[i] if self.mask_names else self.names[i]
+        return None if name is None else os.path.join(self.mask_dir, name)
+
+    def path_of(self, frame_id: int) -> str:
+        """The input file holding ``frame_id`` (the video itself for video tracks)."""
+        if self.kind == "video":
+            return self.dir
+        i = bisect.bisect_left(self.ids, frame_id)
+        if i < len(self.ids) and self.ids[i] == frame_id:
+            return self.frame_path(i)
+        return self.dir
+
 
 @dataclass(frozen=True)
 class Excluded:
-    """An input frame left out by selection (not an error): recorded, never silently lost."""
+    """Input frames left out before decoding, with one reason: recorded, never silently lost.
 
-    path: str
-    track_id: str
-    frame_id: int
+    Rows of skipped.parquet: ``source_path`` ``dir/names[i]``, ``frame_id`` ``ids[i]`` (-1 for a
+    file that carries no frame number), ``clip_id`` the run the frames were in.
+    """
+
+    clip_id: str
+    dir: str
+    names: tuple[str, ...]
+    ids: tuple[int, ...]
     reason: str
+
+    def rows(self) -> Iterable[tuple[str, str, int, str]]:
+        for name, fid in zip(self.names, self.ids, strict=True):
+            yield os.path.join(self.dir, name), self.clip_id, fid, self.reason
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -70,6 +118,7 @@ class Discovery:
     excluded: list[Excluded]
     fingerprint: str
     root: str
+    notes: list[str] | None = None  # one-line warnings for the user (ignored files, ...)
 
 
 def safe_name(name: str) -> str:
@@ -78,15 +127,8 @@ def safe_name(name: str) -> str:
     return cleaned or "clip"
 
 
-def _fingerprint(root: Path, files: Sequence[Path]) -> str:
-    """Hash of relative paths and sizes: changes when the dataset does, cheap to compute."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\n".encode())
-    return h.hexdigest()
-
-
-def _consecutive_runs(ids: Sequence[int]) -> list[list[int]]:
+def consecutive_runs(ids: Sequence[int]) -> list[list[int]]:
+    """Sorted ids -> runs of consecutive ids (a gap starts a new run)."""
     runs: list[list[int]] = []
     for i in ids:
         if runs and i == runs[-1][-1] + 1:
@@ -96,214 +138,127 @@ def _consecutive_runs(ids: Sequence[int]) -> list[list[int]]:
     return runs
 
 
-def _parse_selection(spec: str | None) -> set[int] | None:
-    """'0,2,5-7' -> {0,2,5,6,7}; None means everything."""
+def parse_selection(spec: str | None, what: str = "selection") -> set[int] | None:
+    """'0,2,5-7' -> {0,2,5,6,7}; None or 'all' means everything. Raises SourceError."""
     if spec is None or str(spec).strip() in ("", "all"):
         return None
     out: set[int] = set()
     for part in str(spec).split(","):
         part = part.strip()
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.update(range(int(a), int(b) + 1))
-        elif part:
-            out.add(int(part))
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise SourceError(
+                f"--{what}: {part!r} in {spec!r} is not a number or a range A-B (e.g. '0,2,4-7')"
+            )
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise SourceError(f"--{what}: range {part!r} ends before it starts")
+        out.update(range(a, b + 1))
     return out
 
 
-def discover_handco(
-    root: str | os.PathLike,
-    *,
-    mask: str = "fg",
-    cameras: str | None = None,
-    sequences: str | None = None,
-    frame_stride: int = 1,
-    max_clips: int | None = None,
-    green_screen_only: bool = True,
-    split_by: str = "sequence",
-    source_name: str = "handco",
-) -> Discovery:
-    """List the (sequence, camera) tracks of a HanCo-layout folder."""
-    root = Path(root)
-    rgb = root / "rgb"
-    if not rgb.is_dir():
-        raise SourceError(f"no HanCo dataset at {root}: expected {rgb}/SEQ/camC/FRAME.jpg")
-    if mask not in ("fg", "hand", "none"):
-        raise SourceError(f"--mask must be fg, hand or none, not {mask!r}")
-    if frame_stride < 1:
-        raise SourceError("--frame-stride must be >= 1")
-    meta_path = root / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    seq_sel, cam_sel = _parse_selection(sequences), _parse_selection(cameras)
-    mask_dir = None if mask == "none" else root / f"mask_{mask}"
+_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
-    tracks: list[Track] = []
-    excluded: list[Excluded] = []
-    fp_files: list[Path] = [meta_path] if meta_path.is_file() else []
-    for seq_dir in sorted(p for p in rgb.iterdir() if p.is_dir() and p.name.isdigit()):
-        seq = int(seq_dir.name)
-        if seq_sel is not None and seq not in seq_sel:
+
+def frame_number(stem: str, digits_only: bool = False) -> int | None:
+    """The frame number in a file stem: the whole stem (HanCo), else its last run of digits."""
+    if digits_only:
+        return int(stem) if stem.isdigit() else None
+    m = _NUMBER.search(stem)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class Numbered:
+    """The image files of one folder, by frame number."""
+
+    by_id: dict[int, str]  # frame id -> file name (unique ids only)
+    duplicates: dict[int, list[str]]  # frame id -> every file claiming it (two or more)
+    unnumbered: list[str]  # image files with no frame number
+    sizes: dict[str, int]  # file name -> bytes, for the fingerprint
+
+
+def numbered_images(folder: str | os.PathLike, digits_only: bool = False) -> Numbered:
+    """List a frame folder by frame number, never by name as text (``2.png`` before ``10.png``).
+
+    Two files with one number (``5.jpg`` and ``00000005.jpg``) are both reported as
+    duplicates, whatever the directory order, so no silent choice is made between them.
+    """
+    claims: dict[int, list[str]] = {}
+    unnumbered: list[str] = []
+    sizes: dict[str, int] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        entries = []
+    for e in entries:
+        name = e.name
+        if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
-        seq_meta = {k: v.get(seq_dir.name) for k, v in meta.items() if isinstance(v, dict)}
-        for cam_dir in sorted(
-            p for p in seq_dir.iterdir() if p.is_dir() and p.name.startswith("cam")
-        ):
-            cam = int(cam_dir.name[3:])
-            if cam_sel is not None and cam not in cam_sel:
+        try:
+            if not e.is_file():
                 continue
-            files = {
-                int(f.stem): f
-                for f in cam_dir.iterdir()
-                if f.suffix.lower() in IMAGE_EXTENSIONS and f.stem.isdigit()
-            }
-            fp_files.extend(files.values())
-            track_prefix = f"{seq:04d}-cam{cam}"
-            kept: list[int] = []
-            for fid in sorted(files):
-                reason = _handco_exclusion(seq_meta, fid, green_screen_only)
-                if reason:
-                    excluded.append(Excluded(str(files[fid]), track_prefix, fid, reason))
-                else:
-                    kept.append(fid)
-            subject = _per_frame(seq_meta, "subject_id", kept)
-            obj = _per_frame(seq_meta, "object_id", kept)
-            for run in _consecutive_runs(kept):
-                run = run[::frame_stride]
-                frames = tuple(
-                    FrameRef(
-                        fid,
-                        str(files[fid]),
-                        str(mask_dir / seq_dir.name / cam_dir.name / files[fid].name)
-                        if mask_dir
-                        else None,
-                    )
-                    for fid in run
-                )
-                group = f"subject-{subject}" if split_by == "subject" else f"seq-{seq:04d}"
-                tracks.append(
-                    Track(
-                        track_id=f"{track_prefix}-{run[0]:08d}",
-                        prefix=track_prefix,
-                        source=source_name,
-                        kind="images",
-                        frames=frames,
-                        sequence=seq,
-                        camera=cam,
-                        subject=None if subject is None else str(subject),
-                        object=None if obj is None else str(obj),
-                        group=group,
-                    )
-                )
-    if max_clips is not None:
-        tracks = tracks[:max_clips]
-    if not tracks:
-        raise SourceError(
-            f"empty dataset: no usable frames under {rgb}"
-            + (" (all frames filtered by is_train; try --all-frames)" if excluded else "")
-        )
-    return Discovery(tracks, excluded, _fingerprint(root, fp_files), str(root))
+            sizes[name] = e.stat().st_size
+        except OSError:
+            sizes[name] = -1
+        n = frame_number(os.path.splitext(name)[0], digits_only)
+        if n is None:
+            unnumbered.append(name)
+        else:
+            claims.setdefault(n, []).append(name)
+    by_id = {n: names[0] for n, names in claims.items() if len(names) == 1}
+    dups = {n: sorted(names) for n, names in claims.items() if len(names) > 1}
+    return Numbered(by_id, dups, sorted(unnumbered), sizes)
 
 
-def _handco_exclusion(seq_meta: dict, fid: int, green_screen_only: bool) -> str | None:
-    def value(key: str):
-        values = seq_meta.get(key)
-        if isinstance(values, list) and 0 <= fid < len(values):
-            return values[fid]
-        return None
-
-    if value("is_valid") is False:
-        return "not_valid"
-    if green_screen_only and value("is_train") is not True:
-        return "not_green_screen"
-    return None
+def fingerprint_of(items: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
-def _per_frame(seq_meta: dict, key: str, fids: Sequence[int]):
-    """The most common value of a per-frame meta list over the kept frames (None if absent)."""
-    values = seq_meta.get(key)
-    if not isinstance(values, list):
-        return None
-    seen = [values[f] for f in fids if 0 <= f < len(values)]
-    seen = [v for v in seen if v is not None]
-    if not seen:
-        return None
-    return max(sorted(set(seen), key=str), key=seen.count)
+def image_side(path: str) -> int:
+    """min(width, height) from an image header (no decode); 0 when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(min(im.size))
+    except Exception:  # any decoder failure: unknown, the frame stage records the reason
+        return 0
 
 
-def discover_video(
-    root: str | os.PathLike,
-    *,
-    mask_root: str | None = None,
-    frame_stride: int = 1,
-    max_clips: int | None = None,
-    split_by: str = "sequence",
-) -> Discovery:
-    """A folder of videos (or one video file), or of frame folders: one track per video."""
-    root = Path(root)
-    if not root.exists():
-        raise SourceError(f"no video source at {root}: expected a video file or a folder of videos")
-    if frame_stride < 1:
-        raise SourceError("--frame-stride must be >= 1")
-    mroot = Path(mask_root) if mask_root else None
-    if mroot is not None and not mroot.exists():
-        raise SourceError(f"mask root {mroot} does not exist")
-    entries = [root] if root.is_file() else sorted(root.iterdir())
-    tracks: list[Track] = []
-    fp_files: list[Path] = []
-    base = root.parent if root.is_file() else root
-    import cv2  # local import: discovery of image sources needs no OpenCV
-
-    for entry in entries:
-        name = safe_name(entry.stem if entry.is_file() else entry.name)
-        if entry.is_file() and entry.suffix.lower() in VIDEO_EXTENSIONS:
-            cap = cv2.VideoCapture(str(entry))
-            if not cap.isOpened():
-                raise SourceError(f"cannot open video {entry}")
-            n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-            cap.release()
-            if n <= 0:
-                continue
-            mvideo = _matching(mroot, entry, video=True)
-            fids = list(range(0, n, frame_stride))
-            frames = tuple(FrameRef(i, str(entry)) for i in fids)
-            fp_files.append(entry)
-            tracks.append(
-                Track(
-                    name, name, "video", "video", frames, mask_video=mvideo, group=f"video-{name}"
-                )
-            )
-        elif entry.is_dir():
-            files = sorted(f for f in entry.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not files:
-                continue
-            mdir = _matching(mroot, entry, video=False)
-            fp_files.extend(files)
-            frames = tuple(
-                FrameRef(i, str(f), str(Path(mdir) / f.name) if mdir else None)
-                for i, f in enumerate(files)
-            )[::frame_stride]
-            tracks.append(Track(name, name, "video", "images", frames, group=f"video-{name}"))
-    if max_clips is not None:
-        tracks = tracks[:max_clips]
-    if not tracks:
-        raise SourceError(
-            f"empty dataset: no videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders in {root}"
-        )
-    if len({t.track_id for t in tracks}) != len(tracks):
-        raise SourceError(f"two videos in {root} map to the same clip name; rename one")
-    return Discovery(tracks, [], _fingerprint(base, fp_files), str(root))
+def first_side(paths: Iterable[str], tries: int = 5) -> int:
+    """The side of the first of ``paths`` (at most ``tries``) whose header reads."""
+    for n, p in enumerate(paths):
+        if n >= tries:
+            break
+        side = image_side(p)
+        if side:
+            return side
+    return 0
 
 
-def _matching(mroot: Path | None, entry: Path, *, video: bool) -> str | None:
-    """The mask video or folder with the same name as ``entry`` under ``mroot``, if any."""
-    if mroot is None:
-        return None
-    if video:
-        for ext in VIDEO_EXTENSIONS:
-            cand = mroot / (entry.stem + ext)
-            if cand.is_file():
-                return str(cand)
-        cand = mroot / entry.stem
-        return str(cand) if cand.is_dir() else None
-    cand = mroot / entry.name
-    return str(cand) if cand.is_dir() else None
+def default_flow_size(tracks: Sequence[Track]) -> int:
+    """Flow side when --flow-size is unset, from the whole discovery (never from timing).
+
+    The smallest cropped source side over the tracks, rounded down to RAFT's 8-px grid, so every
+    pair's ``flow_msq`` is measured at one resolution and no frame is upsampled for flow.
+    """
+    sides = [t.side for t in tracks if t.side > 0]
+    if not sides:
+        return 0
+    return max(8, min(sides) // 8 * 8)
+
+
+def discovery_fingerprint(root: str, tracks: Sequence[Track], extra: Iterable[str] = ()) -> str:
+    return fingerprint_of([*extra, *(f"{t.track_id} {t.fingerprint}" for t in tracks)])
+
+
+def relative(root: str | Path, path: str | Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()

@@ -6,9 +6,11 @@ writes::
     out/rgb/{seq:04d}/cam{c}/{frame:08d}.jpg        RGB frames (size x size JPEG)
     out/mask_fg/{seq:04d}/cam{c}/{frame:08d}.jpg    hand + held object (white) on black
     out/mask_hand/{seq:04d}/cam{c}/{frame:08d}.jpg  hand only
-    out/meta.json                                   {key: {"0000": [one value per frame]}}
+    out/meta.json                                   {key: [[one value per frame] per sequence]}
 
-with ``meta.json`` keys ``is_train``, ``subject_id``, ``is_valid``, ``object_id`` and ``has_fit``.
+with ``meta.json`` in HanCo's real format: keys ``is_train``, ``subject_id``, ``is_valid``,
+``object_id`` and ``has_fit``, each a list indexed by the integer sequence id whose entries are
+lists indexed by frame id (``meta["is_train"][sid][fid]``).
 
 The figure is a palm with five jointed fingers (thumb 2 segments, the others 3) on a forearm.
 Finger flexion, finger spread, wrist roll/pitch/yaw, hand distance and a small translation follow
@@ -617,15 +619,16 @@ def _jpeg(img: np.ndarray, quality: int) -> bytes:
 
 
 def _meta(plans: list[_Sequence], frames: int) -> dict:
-    meta: dict[str, dict[str, list]] = {key: {} for key in META_KEYS}
-    for p in plans:
-        name = f"{p.index:04d}"
-        meta["is_train"][name] = [p.green_screen] * frames
-        meta["subject_id"][name] = [p.subject_id] * frames
-        meta["is_valid"][name] = list(p.is_valid)
-        meta["object_id"][name] = [p.object_id] * frames
-        meta["has_fit"][name] = [True] * frames
-    return meta
+    """HanCo's format: per key, a list indexed by sequence id of lists indexed by frame id."""
+    plans = sorted(plans, key=lambda p: p.index)
+    assert [p.index for p in plans] == list(range(len(plans)))
+    return {
+        "is_train": [[p.green_screen] * frames for p in plans],
+        "subject_id": [[p.subject_id] * frames for p in plans],
+        "is_valid": [list(p.is_valid) for p in plans],
+        "object_id": [[p.object_id] * frames for p in plans],
+        "has_fit": [[True] * frames for p in plans],
+    }
 
 
 def _validate(

@@ -2,31 +2,38 @@
 
 Each kept frame is decoded, masked, resized and PNG-encoded once; each adjacent pair of kept
 frames gets its flow once. Frames stream through: a CPU flow backend sees each pair as soon as
-its second frame is ready, so a task holds two frames at a time, not a whole video. A frame that
-fails ends the clip it was in. The cache of a track (``frames.bin``, optional ``masks.bin`` and
-``flow.npy``, then ``meta.json`` as the commit marker) lets a killed build resume without
-redoing finished tracks.
+its second frame is ready (two frames held at a time), and a RAFT actor gets a clip's frames in
+bounded chunks, so no task holds a whole video. A frame that fails ends the clip it was in.
+
+The cache of a track (``frames.bin``, optional ``masks.bin`` and ``flow.npy``, then
+``meta.json`` as the commit marker) lets a killed build resume without redoing finished tracks.
+A cache is reused only when its key (the track's input files and every option that changes
+frames or flow) still matches, so plan-only options (seed, window, shard size, ...) reuse it
+and a restored or changed input file is processed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import frames as fr
-from pipeline.flow import OpenCVFlow, downsample_flow, flow_msq
-from pipeline.sources import IMAGE_EXTENSIONS, Track
+from pipeline.flow import downsample_flow, flow_msq
+from pipeline.sources import FRAME_STRIDE, Track, numbered_images
 from shards_spec.writer import atomic_write_bytes, atomic_write_json, encode_png
 
 META = "meta.json"
+CACHE_VERSION = 2
 
-Decoded = tuple[int, "np.ndarray | None", "str | None"]
+# (frame_id, source path, rgb, reason, mask, mask_reason)
+Decoded = tuple[int, str, "np.ndarray | None", "str | None", "np.ndarray | None", "str | None"]
 
 
 @dataclass(frozen=True)
@@ -34,56 +41,81 @@ class TrackOptions:
     spec: fr.FrameSpec
     keep_mask: bool = False
     keep_flow: int = 0  # side of the stored flow field; 0 = do not store
+    flow: str = "dis"  # backend name (part of the cache key)
+    flow_id: str = ""  # what else identifies the flow values (RAFT weights, precision, iters)
+
+    def cache_key(self, track: Track) -> str:
+        h = hashlib.sha256(
+            json.dumps(
+                {"v": CACHE_VERSION, "opts": asdict(self), "track": asdict(track)},
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
+        return h.hexdigest()
 
 
-def track_dir(work: Path, track: Track) -> Path:
-    return Path(work) / "tracks" / track.track_id
+def track_dir(cache: Path, track: Track) -> Path:
+    return Path(cache) / track.track_id
 
 
-def load_meta(work: Path, track: Track) -> dict | None:
-    """The committed result of a track, or None when it has not finished."""
-    p = track_dir(work, track) / META
+def load_meta(cache: Path, track: Track, opts: TrackOptions) -> dict | None:
+    """The committed result of a track, or None when it must be (re)computed."""
+    p = track_dir(cache, track) / META
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
+        meta = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if meta.get("cache_key") != opts.cache_key(track) or meta.get("retry"):
+        return None
+    return meta
 
 
-def _frames(track: Track) -> Iterator[Decoded]:
-    """(frame_id, rgb, reason) for every frame of the track, in order, decoded lazily."""
+def _inputs(track: Track) -> Iterator[Decoded]:
+    """Every input frame of the track, in order, decoded lazily, with its mask."""
     if track.kind == "video":
-        ids = [f.frame_id for f in track.frames]
-        for fid, img in fr.iter_video(track.frames[0].path, ids):
-            yield fid, img, None if img is not None else fr.UNREADABLE_VIDEO_FRAME
+        yield from _video_inputs(track)
         return
-    for f in track.frames:
-        yield (f.frame_id, *fr.read_image(f.path))
+    for i, fid in enumerate(track.ids):
+        path = track.frame_path(i)
+        rgb, reason = fr.read_image(path)
+        mask, mask_reason = (None, None)
+        if track.mask_dir is not None and reason is None:
+            mask, mask_reason = fr.read_mask(track.mask_path(i))
+        yield fid, path, rgb, reason, mask, mask_reason
 
 
-def _masks(track: Track) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """The mask of every frame (None, None when the track has no masks), aligned with _frames."""
-    if track.mask_video is None:
-        for f in track.frames:
-            yield fr.read_mask(f.mask_path)
-    elif os.path.isdir(track.mask_video):
-        files = sorted(
-            p for p in Path(track.mask_video).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        for f in track.frames:
-            yield (
-                fr.read_mask(str(files[f.frame_id]))
-                if f.frame_id < len(files)
-                else (
-                    None,
-                    fr.MISSING_MASK,
-                )
+def _video_inputs(track: Track) -> Iterator[Decoded]:
+    masks: Iterator | None = None
+    mask_files: dict[int, str] | None = None
+    if track.mask_video is not None:
+        if os.path.isdir(track.mask_video):
+            mask_files = numbered_images(track.mask_video).by_id
+        else:
+            masks = fr.iter_video(track.mask_video, track.stride)
+    n = 0
+    for fid, rgb, reason in fr.iter_video(track.dir, track.stride):
+        n = fid + 1
+        mask, mask_reason = None, None
+        if masks is not None:
+            got = next(masks, None)
+            if got is None:
+                mask_reason = fr.MISSING_MASK
+            elif got[1] is not None:
+                mask = fr.threshold_mask(got[1])
+            elif reason is None:
+                mask_reason = fr.CORRUPT_MASK
+        elif mask_files is not None and reason is None:
+            name = mask_files.get(fid)
+            mask, mask_reason = fr.read_mask(
+                None if name is None else os.path.join(track.mask_video, name)
             )
-    else:
-        ids = [f.frame_id for f in track.frames]
-        for _, m in fr.iter_video(track.mask_video, ids):
-            yield (fr.threshold_mask(m), None) if m is not None else (None, fr.MISSING_MASK)
+        yield fid, track.dir, rgb, reason, mask, mask_reason
+    # The header promised more frames than the stream gave: account for every one of them.
+    for fid in range(n, track.expected):
+        yield fid, track.dir, None, fr.VIDEO_STREAM_ENDED, None, None
 
 
 class _Clips:
@@ -93,56 +125,124 @@ class _Clips:
         self.kept: list[list[int]] = []  # [frame_id, offset, length(, mask_offset, mask_length)]
         self.clips: list[list[int]] = []  # [start, end) into kept
         self.msq: list[list[float]] = []  # per clip, per adjacent pair
-        self.flow_frames: list[list[np.ndarray]] = []  # per clip, when flow runs elsewhere
         self.stored: list[np.ndarray] = []  # downsampled flow fields, pair order
         self.keep_flow = keep_flow
         self.open = False
 
     def add(self, entry: list[int]) -> bool:
-        """Add a kept frame; True when it continues the current clip."""
+        """Add a kept frame; True when it continues the current clip (``self.current``)."""
         self.kept.append(entry)
         cont = self.open
         if not cont:
             self.clips.append([len(self.kept) - 1, len(self.kept)])
             self.msq.append([])
-            self.flow_frames.append([])
             self.open = True
         self.clips[-1][1] = len(self.kept)
         return cont
 
-    def add_flow(self, field: np.ndarray) -> None:
-        self.msq[-1].append(flow_msq(field))
-        if self.keep_flow:
-            self.stored.append(downsample_flow(field, self.keep_flow))
+    @property
+    def current(self) -> int:
+        return len(self.clips) - 1
+
+    def add_pair(self, clip: int, msq: float, stored: np.ndarray | None) -> None:
+        self.msq[clip].append(float(msq))
+        if self.keep_flow and stored is not None:
+            self.stored.append(stored)
 
 
-def process_track(
-    work: Path, track: Track, opts: TrackOptions, flow: OpenCVFlow | None = None
-) -> tuple[dict, list[list[np.ndarray]] | None]:
-    """Decode, mask, resize and encode every frame, writing frames.bin (and masks.bin).
+class CpuPairs:
+    """Flow of each pair as soon as its second frame arrives (DIS, Farneback)."""
 
-    With a CPU ``flow`` the pairs are computed here and the track is committed: returns
-    (meta, None). Without, returns the uncommitted meta and each clip's flow-resolution frames,
-    for a flow actor to finish with :func:`commit_flow`.
+    def __init__(self, flow, keep_flow: int):
+        self.flow, self.keep_flow = flow, keep_flow
+        self.prev = None
+
+    def push(self, clips: _Clips, continues: bool, frame: np.ndarray) -> None:
+        cur = self.flow.prepare(frame)
+        if continues:
+            field = self.flow.calc(self.prev, cur)
+            stored = downsample_flow(field, self.keep_flow) if self.keep_flow else None
+            clips.add_pair(clips.current, flow_msq(field), stored)
+        self.prev = cur
+
+    def finish(self, clips: _Clips) -> None:
+        self.prev = None
+
+
+class ChunkedPairs:
+    """Flow on a remote estimator (a RAFT actor): each clip's frames go in bounded chunks.
+
+    ``submit(frames) -> handle`` starts the flow of the pairs of consecutive ``frames``;
+    ``fetch(handle) -> (msq list, stored fields or None)`` waits for it. Chunks overlap by one
+    frame so every pair is computed once; at most ``depth`` chunks are in flight.
     """
-    tdir = track_dir(work, track)
+
+    def __init__(self, submit, fetch, chunk: int = 32, depth: int = 2):
+        self.submit, self.fetch = submit, fetch
+        self.chunk, self.depth = max(2, chunk), max(1, depth)
+        self.buf: list[np.ndarray] = []
+        self.clip: int | None = None
+        self.pending: list[tuple[int, object]] = []
+
+    def push(self, clips: _Clips, continues: bool, frame: np.ndarray) -> None:
+        if not continues:  # a new clip: flush what is left of the previous one
+            self._flush(clips)
+            self.clip, self.buf = clips.current, [frame]
+            return
+        self.buf.append(frame)
+        if len(self.buf) >= self.chunk:
+            self._flush(clips)
+            self.buf = [frame]
+
+    def _flush(self, clips: _Clips) -> None:
+        if len(self.buf) >= 2 and self.clip is not None:
+            self.pending.append((self.clip, self.submit(list(self.buf))))
+        self.buf = []
+        while len(self.pending) > self.depth:
+            self._collect(clips)
+
+    def _collect(self, clips: _Clips) -> None:
+        clip, handle = self.pending.pop(0)
+        msqs, stored = self.fetch(handle)
+        for i, m in enumerate(msqs):
+            clips.add_pair(clip, m, None if stored is None else stored[i])
+
+    def finish(self, clips: _Clips) -> None:
+        self._flush(clips)
+        while self.pending:
+            self._collect(clips)
+
+
+def process_track(cache: Path, track: Track, opts: TrackOptions, pairs) -> dict:
+    """Decode, mask, resize and encode every frame; flow on every adjacent kept pair; commit.
+
+    ``pairs`` is a :class:`CpuPairs` or :class:`ChunkedPairs`. Returns the committed meta.
+    """
+    tdir = track_dir(cache, track)
     tdir.mkdir(parents=True, exist_ok=True)
     frames, masks = bytearray(), bytearray()
     clips = _Clips(opts.keep_flow)
     skipped: list[list] = []
-    paths = {f.frame_id: f.path for f in track.frames}
-    prev = None
+    n_input = 0
+    shape = None  # (h, w) of the track's first usable frame
     flow_side = 0
-    for (fid, rgb, reason), (mask, mask_reason) in zip(_frames(track), _masks(track), strict=True):
+    for fid, path, rgb, reason, mask, mask_reason in _inputs(track):
+        n_input += 1
+        if reason == FRAME_STRIDE:  # left out by --frame-stride: no gap in the kept sequence
+            skipped.append([path, fid, reason])
+            continue
         prepared = None
         if reason is None:
             reason = mask_reason
-            if reason is None:
-                prepared, reason = fr.prepare(rgb, mask, opts.spec)
+        if reason is None and shape is not None and rgb.shape[:2] != shape:
+            reason = fr.FRAME_SIZE
+        if reason is None:
+            prepared, reason = fr.prepare(rgb, mask, opts.spec)
         if prepared is None:
-            skipped.append([paths[fid], fid, reason])
+            skipped.append([path, fid, reason])
             clips.open = False
             continue
+        shape = shape or rgb.shape[:2]
         png = encode_png(prepared.out)
         entry = [fid, len(frames), len(png)]
         frames += png
@@ -151,50 +251,28 @@ def process_track(
             entry += [len(masks), len(mpng)]
             masks += mpng
         flow_side = flow_side or int(prepared.flow.shape[0])
-        continues = clips.add(entry)
-        if flow is None:
-            clips.flow_frames[-1].append(prepared.flow)
-            continue
-        cur = flow.prepare(prepared.flow)
-        if continues:
-            clips.add_flow(flow.calc(prev, cur))
-        prev = cur
+        pairs.push(clips, clips.add(entry), prepared.flow)
+    pairs.finish(clips)
     atomic_write_bytes(tdir / "frames.bin", bytes(frames))
     if masks:
         atomic_write_bytes(tdir / "masks.bin", bytes(masks))
-    meta = {
-        "track_id": track.track_id,
-        "frames": clips.kept,
-        "clips": clips.clips,
-        "skipped": skipped,
-        "n_input": len(track.frames),
-        "has_masks": bool(masks),
-        "flow_side": flow_side,
-    }
-    if flow is None:
-        return meta, clips.flow_frames
-    return _commit(tdir, meta, clips), None
-
-
-def commit_flow(
-    work: Path, track: Track, meta: dict, flows: Sequence[Sequence[np.ndarray]], keep_flow: int
-) -> dict:
-    """Attach the flow fields computed elsewhere (one list per clip) and commit the track."""
-    clips = _Clips(keep_flow)
-    for clip_flows in flows:
-        clips.msq.append([])
-        for field in clip_flows:
-            clips.add_flow(field)
-    return _commit(track_dir(work, track), meta, clips)
-
-
-def _commit(tdir: Path, meta: dict, clips: _Clips) -> dict:
-    if clips.keep_flow:
-        side = clips.keep_flow
+    if opts.keep_flow:
+        side = opts.keep_flow
         arr = np.stack(clips.stored) if clips.stored else np.zeros((0, 2, side, side), np.float16)
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         atomic_write_bytes(tdir / "flow.npy", buf.getvalue())
-    meta = {**meta, "pair_msq": clips.msq}
+    meta = {
+        "track_id": track.track_id,
+        "cache_key": opts.cache_key(track),
+        "frames": clips.kept,
+        "clips": clips.clips,
+        "pair_msq": clips.msq,
+        "skipped": skipped,
+        "n_input": n_input,
+        "has_masks": bool(masks),
+        "flow_side": flow_side,
+        "retry": any(r in fr.TRANSIENT for _, _, r in skipped),
+    }
     atomic_write_json(tdir / META, meta)
     return meta

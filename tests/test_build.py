@@ -79,7 +79,7 @@ def test_every_input_frame_is_written_or_skipped(built, synth_root):
     cameras = 2
     excluded = sum(
         (not ok) or (not green)
-        for seq in meta["is_train"]
+        for seq in range(len(meta["is_train"]))
         for ok, green in zip(meta["is_valid"][seq], meta["is_train"][seq], strict=True)
     )
     by_reason = summary["skipped_by_reason"]
@@ -118,7 +118,7 @@ def test_sigkill_mid_build_then_resume_is_byte_identical(built, synth_root, tmp_
     out2 = tmp_path / "killed"
     cmd = cli_command(synth_root, out2)
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
-    tracks = out2 / ".work" / "tracks"
+    tracks = out2 / ".cache"
     deadline = time.time() + 120
     while (
         proc.poll() is None and time.time() < deadline and len(list(tracks.glob("*/meta.json"))) < 2
@@ -192,6 +192,9 @@ def test_empty_dataset_fails_fast(tmp_path, capsys):
     (tmp_path / "rgb").mkdir()
     assert cli_main(["build", "--src", "handco", "--root", str(tmp_path), "--out",
                      str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "is_train (which frames are green-screen) is unknown" in capsys.readouterr().err
+    assert cli_main(["build", "--src", "handco", "--root", str(tmp_path), "--all-frames",
+                     "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "empty dataset" in capsys.readouterr().err
 
 

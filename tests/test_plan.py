@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from pipeline.plan import SHORT_CLIP, assign_val_groups, make_plan, windows_of
-from pipeline.sources import FrameRef, Track
+from pipeline.sources import Track
 
 
 def fake_track(seq: int, frame_ids: list[int], subject: str = "s0") -> Track:
-    frames = tuple(FrameRef(f, f"/x/{seq}/{f}.jpg") for f in frame_ids)
     prefix = f"{seq:04d}-cam0"
-    return Track(f"{prefix}-{frame_ids[0]:08d}", prefix, "handco", "images", frames,
-                 sequence=seq, camera=0, subject=subject, group=f"seq-{seq:04d}")  # fmt: skip
+    return Track(f"{prefix}-{frame_ids[0]:08d}", prefix, "handco", "images", f"/x/{seq}",
+                 ids=tuple(frame_ids), names=tuple(f"{f}.jpg" for f in frame_ids),
+                 expected=len(frame_ids), sequence=seq, camera=0, subject=subject,
+                 group=f"seq-{seq:04d}")  # fmt: skip
 
 
 def fake_meta(frame_ids: list[int], clips: list[tuple[int, int]], seed: int = 0) -> dict:
@@ -104,7 +105,7 @@ def test_val_groups():
 
 
 def test_split_by_subject_groups_tracks_by_subject(synth_root):
-    from pipeline.sources import discover_handco
+    from pipeline.handco import discover_handco
 
     disc = discover_handco(synth_root, split_by="subject")
     assert all(t.group == f"subject-{t.subject}" for t in disc.tracks)

@@ -82,12 +82,12 @@ def test_meta_json_shape(dataset: tuple[Path, dict]) -> None:
     root, summary = dataset
     meta = json.loads((root / "meta.json").read_text())
     assert set(meta) == {"is_train", "subject_id", "is_valid", "object_id", "has_fit"}
-    seqs = [f"{s:04d}" for s in range(SEQ)]
+    # HanCo's real format: per key a list indexed by sequence id, of lists indexed by frame id
     for key, per_seq in meta.items():
-        assert sorted(per_seq) == seqs, key
-        for values in per_seq.values():
-            assert len(values) == FRAMES
-    for s in seqs:
+        assert isinstance(per_seq, list) and len(per_seq) == SEQ, key
+        for values in per_seq:
+            assert isinstance(values, list) and len(values) == FRAMES
+    for s in range(SEQ):
         assert all(isinstance(v, bool) for v in meta["is_train"][s])
         assert all(isinstance(v, bool) for v in meta["is_valid"][s])
         assert all(v is True for v in meta["has_fit"][s])
@@ -98,12 +98,12 @@ def test_meta_json_shape(dataset: tuple[Path, dict]) -> None:
             for v in meta["object_id"][s]
         )
         assert sum(meta["is_valid"][s]) >= FRAMES - 2
-    green = [s for s in range(SEQ) if all(meta["is_train"][f"{s:04d}"])]
-    off_green = [s for s in range(SEQ) if not any(meta["is_train"][f"{s:04d}"])]
+    green = [s for s in range(SEQ) if all(meta["is_train"][s])]
+    off_green = [s for s in range(SEQ) if not any(meta["is_train"][s])]
     assert sorted(green + off_green) == list(range(SEQ))
     assert off_green and green
     assert summary["green_screen_sequences"] == green
-    objects = [s for s in range(SEQ) if any(v is not None for v in meta["object_id"][f"{s:04d}"])]
+    objects = [s for s in range(SEQ) if any(v is not None for v in meta["object_id"][s])]
     assert objects == summary["object_sequences"] and objects
     assert len(objects) < SEQ
 
@@ -117,7 +117,7 @@ def test_object_id_null_iff_no_object(dataset: tuple[Path, dict]) -> None:
                 fg = _gray(root, "mask_fg", s, c, f) > 128
                 hand = _gray(root, "mask_hand", s, c, f) > 128
                 object_pixels = int((fg & ~hand).sum())
-                if meta["object_id"][f"{s:04d}"][f] is None:
+                if meta["object_id"][s][f] is None:
                     assert object_pixels <= 0.02 * fg.sum(), (s, c, f)
                 else:
                     assert object_pixels >= 0.04 * fg.sum(), (s, c, f)

@@ -1,0 +1,226 @@
+"""Any video: a video file, or a folder (walked recursively) of video files and frame folders.
+
+One track per video file; a frame folder is ordered by frame number (``2.png`` before
+``10.png``), keeps the numbers as frame ids, and a gap in the numbering ends a track, as in
+HanCo. Masks come from ``--mask-root``: a mask video or a numbered mask folder with the same
+relative path and name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.sources import (
+    DUPLICATE_FRAME_ID,
+    DUPLICATE_MASK_ID,
+    FRAME_STRIDE,
+    IMAGE_EXTENSIONS,
+    MAX_CLIPS,
+    NO_FRAME_NUMBER,
+    VIDEO_EXTENSIONS,
+    Discovery,
+    Excluded,
+    SourceError,
+    Track,
+    consecutive_runs,
+    discovery_fingerprint,
+    fingerprint_of,
+    first_side,
+    numbered_images,
+    relative,
+    safe_name,
+)
+
+
+def _entries(root: Path) -> Iterator[Path]:
+    """Video files and frame folders under ``root``, recursively, in sorted path order."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        if here != root and any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                                for f in filenames):  # fmt: skip
+            yield here
+        for f in sorted(filenames):
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
+                yield here / f
+
+
+def discover_video(
+    root: str | os.PathLike,
+    *,
+    mask_root: str | None = None,
+    frame_stride: int = 1,
+    max_clips: int | None = None,
+    split_by: str = "sequence",
+    keep_mask: bool = False,
+) -> Discovery:
+    """Tracks of a video file or a folder tree of videos and frame folders."""
+    root = Path(root)
+    if not root.exists():
+        raise SourceError(f"no video source at {root}: expected a video file or a folder of videos")
+    mroot = Path(mask_root) if mask_root else None
+    if mroot is not None and not mroot.is_dir():
+        raise SourceError(f"--mask-root {mroot} is not a folder")
+    base = root.parent if root.is_file() else root
+    if root.is_file():
+        if root.suffix.lower() not in VIDEO_EXTENSIONS:
+            raise SourceError(f"{root} is not a video ({', '.join(VIDEO_EXTENSIONS)})")
+        entries = [root]
+    else:
+        entries = list(_entries(root))
+    tracks: list[Track] = []
+    excluded: list[Excluded] = []
+    notes: list[str] = []
+    unmasked: list[str] = []
+    import cv2  # local import: discovery of image sources needs no OpenCV
+
+    for entry in entries:
+        rel = relative(base, entry)
+        name = safe_name(str(Path(rel).with_suffix("")) if entry.is_file() else rel)
+        group = f"video-{name}"
+        if entry.is_file():
+            cap = cv2.VideoCapture(str(entry))
+            opened = cap.isOpened()
+            n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if opened else 0
+            side = (
+                int(min(cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+                if opened
+                else 0
+            )
+            cap.release()
+            if not opened:
+                excluded.append(Excluded(f"{name}-00000000", str(base), (rel,), (-1,),
+                                         "unreadable_video"))  # fmt: skip
+                notes.append(f"cannot open video {entry}: recorded as unreadable_video")
+                continue
+            mvideo = _matching(mroot, base, entry, video=True)
+            if mroot is not None and mvideo is None:
+                unmasked.append(rel)
+            tracks.append(
+                Track(
+                    track_id=f"{name}-00000000",
+                    prefix=name,
+                    source="video",
+                    kind="video",
+                    dir=str(entry),
+                    mask_video=mvideo,
+                    expected=max(n, 0),
+                    stride=frame_stride,
+                    side=side,
+                    fingerprint=fingerprint_of(
+                        [f"{rel} {entry.stat().st_size}"]
+                        + ([f"m {mvideo} {_size(mvideo)}"] if mvideo else [])
+                    ),
+                    group=group,
+                )
+            )
+            continue
+        files = numbered_images(entry)
+        d = str(entry)
+        mdir = _matching(mroot, base, entry, video=False)
+        if mroot is not None and mdir is None:
+            unmasked.append(rel)
+        masks = numbered_images(mdir) if mdir else None
+        if files.unnumbered:
+            excluded.append(Excluded(f"{name}-unnumbered", d, tuple(files.unnumbered),
+                                     (-1,) * len(files.unnumbered), NO_FRAME_NUMBER))  # fmt: skip
+        for fid, names in sorted(files.duplicates.items()):
+            excluded.append(Excluded(f"{name}-{fid:08d}", d, tuple(names), (fid,) * len(names),
+                                     DUPLICATE_FRAME_ID))  # fmt: skip
+        ids = sorted(files.by_id)  # a duplicated id is missing: a gap, which ends a track
+        if masks is not None:
+            bad = [f for f in ids if f in masks.duplicates]
+            for run in consecutive_runs(bad):
+                excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
+                                         tuple(files.by_id[f] for f in run), tuple(run),
+                                         DUPLICATE_MASK_ID))  # fmt: skip
+            ids = [f for f in ids if f not in masks.duplicates]
+        for run in consecutive_runs(ids):
+            kept = run[::frame_stride]
+            strided = [f for i, f in enumerate(run) if i % frame_stride]
+            if strided:
+                excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
+                                         tuple(files.by_id[f] for f in strided), tuple(strided),
+                                         FRAME_STRIDE))  # fmt: skip
+            names = tuple(files.by_id[f] for f in kept)
+            mask_names = tuple(masks.by_id.get(f) for f in kept) if masks is not None else ()
+            tracks.append(
+                Track(
+                    track_id=f"{name}-{kept[0]:08d}",
+                    prefix=name,
+                    source="video",
+                    kind="images",
+                    dir=d,
+                    ids=tuple(kept),
+                    names=names,
+                    mask_dir=mdir,
+                    mask_names=mask_names,
+                    expected=len(kept),
+                    side=first_side(os.path.join(d, n) for n in names),
+                    fingerprint=fingerprint_of(
+                        [f"{n} {files.sizes.get(n, -1)}" for n in names]
+                        + [f"m {n} {masks.sizes.get(n, -1)}" for n in mask_names if masks and n]
+                    ),
+                    group=group,
+                )
+            )
+    if unmasked:
+        shown = ", ".join(unmasked[:5]) + (
+            f" and {len(unmasked) - 5} more" if len(unmasked) > 5 else ""
+        )
+        if keep_mask:
+            raise SourceError(
+                f"--keep-mask needs a mask for every video: --mask-root {mroot} has none for "
+                f"{shown}"
+            )
+        notes.append(f"--mask-root {mroot} has no mask for {len(unmasked)} of {len(entries)} "
+                     f"inputs ({shown}); they are used unmasked")  # fmt: skip
+    if keep_mask and mroot is None:
+        raise SourceError("--keep-mask with --src video needs --mask-root (masks to keep)")
+    if max_clips is not None and len(tracks) > max_clips:
+        for t in tracks[max_clips:]:
+            excluded.append(_whole_track(t, MAX_CLIPS))
+        tracks = tracks[:max_clips]
+    if not tracks:
+        raise SourceError(
+            f"empty dataset: no readable videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders "
+            f"under {root}"
+        )
+    if len({t.track_id for t in tracks}) != len(tracks):
+        raise SourceError(f"two inputs under {root} map to the same clip name; rename one")
+    fp = discovery_fingerprint(str(root), tracks, [f"excluded {sum(map(len, excluded))}"])
+    return Discovery(tracks, excluded, fp, str(root), notes)
+
+
+def _whole_track(t: Track, reason: str) -> Excluded:
+    if t.kind == "video":
+        return Excluded(
+            t.track_id, os.path.dirname(t.dir), (os.path.basename(t.dir),), (-1,), reason
+        )
+    return Excluded(t.track_id, t.dir, t.names, t.ids, reason)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+def _matching(mroot: Path | None, base: Path, entry: Path, *, video: bool) -> str | None:
+    """The mask video or folder at the same relative path as ``entry`` under ``mroot``."""
+    if mroot is None:
+        return None
+    rel = entry.relative_to(base) if entry != base else Path(entry.name)
+    if video:
+        stem = rel.with_suffix("")
+        for ext in VIDEO_EXTENSIONS:
+            cand = mroot / stem.with_suffix(ext)
+            if cand.is_file():
+                return str(cand)
+        cand = mroot / stem
+        return str(cand) if cand.is_dir() else None
+    cand = mroot / rel
+    return str(cand) if cand.is_dir() else None
