@@ -5,6 +5,7 @@ Every function returns either pixels or a skip reason; nothing here raises on ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ CORRUPT_MASK = "corrupt_mask"
 EMPTY_MASK = "empty_mask"
 MASK_SIZE = "mask_size_mismatch"
 UNREADABLE_VIDEO_FRAME = "unreadable_video_frame"
-VIDEO_STREAM_ENDED = "video_stream_ended"  # the header promised frames the stream never gave
+VIDEO_STREAM_ENDED = "video_stream_ended"
+VIDEO_TIMESTAMP_GAP = "video_timestamp_gap"  # frames dropped silently: the timestamps jump  # the header promised frames the stream never gave
 FRAME_SIZE = "frame_size_mismatch"
 EMPTY_FILE = "empty_file"  # zero bytes: an interrupted download or copy
 EMPTY_MASK_FILE = "empty_mask_file"
@@ -86,7 +88,7 @@ def read_image(path: str) -> tuple[np.ndarray | None, str | None]:
     if data is None:
         return None, reason
     if path.lower().endswith((".jpg", ".jpeg")) and not _jpeg_complete(data):
-        return None, TRUNCATED_JPEG
+        return None, TRUNCATED_JPEG if data[:2] == b"\xff\xd8" else CORRUPT_IMAGE
     img = _decode(data, cv2.IMREAD_COLOR)
     if img is None or img.ndim != 3:
         return None, CORRUPT_IMAGE
@@ -152,49 +154,127 @@ def prepare(
     return Prepared(np.ascontiguousarray(out), np.ascontiguousarray(flow), out_mask), None
 
 
-def iter_video(path: str, stride: int = 1) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+MAX_GRAB_FAILURES = 32  # consecutive failed grabs before a video is taken to have ended
+MAX_ID_GAP = 100_000  # the most ids a timestamp may skip, whatever the header says
+
+
+def _grab(cap) -> bool:
+    try:
+        return bool(cap.grab())
+    except Exception:  # a decoder error must not end the build
+        return False
+
+
+def _prop(cap, prop: int) -> float:
+    """A capture property, NaN when OpenCV cannot give one."""
+    try:
+        v = float(cap.get(prop))
+    except Exception:
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def iter_video(
+    path: str, stride: int = 1, max_failures: int = MAX_GRAB_FAILURES
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """Decode a video sequentially to its real end: (frame_id, RGB or None, reason).
 
-    Frame ids count the frames the stream actually gave, in order; the header's frame count is
-    not trusted (it can be smaller or larger). Frames that are not a multiple of ``stride`` are
-    grabbed but not decoded (reason ``frame_stride``). A frame whose data does not decode is
-    ``unreadable_video_frame`` and decoding goes on with the next one; a failed grab ends the
-    stream: OpenCV cannot tell a broken stream from its end, and seeking past the break can
-    return earlier frames again under new ids, so nothing after it is used. The caller records
-    what the header promised beyond that point (``video_stream_ended``).
+    Every frame id from 0 to the last one given is yielded exactly once, in order, and no frame
+    is yielded twice. Without a failed grab, ids count the frames the stream gave, except where
+    the timestamp jumps forward by two frame intervals or more: the demuxer dropped frames
+    without a failed grab, the frame gets the id its timestamp implies and the ids skipped are
+    ``video_timestamp_gap`` (a timestamp that stalls or goes back is ignored: some containers
+    shift them or give none, so it never merges frames); the header's frame count is not
+    trusted either (it can be smaller or larger). Frames whose id is not a multiple of
+    ``stride`` are grabbed but not decoded (reason ``frame_stride``); a grabbed frame that does
+    not decode is ``unreadable_video_frame``.
+
+    A failed grab is retried (never seeked past: seeking in a broken stream can return earlier
+    frames again, under new ids), up to ``max_failures`` failures in a row. A frame grabbed
+    after a failure is used only if it is provably new: its timestamp must be later than the
+    last good frame's. It gets the id its timestamp implies (relative to the last good frame,
+    at least the next id) and the ids skipped on the way are ``unreadable_video_frame``. When
+    the timestamp does not advance, the frame rate is unknown or the jump is implausible, the
+    stream is taken to have ended there; the caller records what the header promised beyond
+    the last id (``video_stream_ended``).
     """
-    cap = cv2.VideoCapture(path)
+    try:
+        cap = cv2.VideoCapture(path)
+    except Exception:  # nothing readable: the caller records the header's frames
+        return
     try:
         if not cap.isOpened():
             return
-        i = 0
+        fps = _prop(cap, cv2.CAP_PROP_FPS)
+        header = _prop(cap, cv2.CAP_PROP_FRAME_COUNT)
+        header = int(header) if header > 0 else 0
+        last_id, last_ms = -1, -math.inf  # the last frame grabbed (none yet)
+        failed = 0
         while True:
-            try:
-                ok = cap.grab()
-            except Exception:
-                ok = False
-            if not ok:
-                return
-            if i % stride:
-                yield i, None, "frame_stride"
-            else:
-                try:
-                    ok, img = cap.retrieve()
-                except Exception:
-                    ok, img = False, None
-                if ok and img is not None and img.ndim == 3 and img.size:
-                    yield i, cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
+            if not _grab(cap):
+                failed += 1
+                if failed >= max_failures:
+                    return
+                continue
+            if failed:
+                ms = _prop(cap, cv2.CAP_PROP_POS_MSEC)
+                if not (fps > 0 and ms > last_ms):  # NaN compares False: not provably new
+                    return
+                if last_id < 0:  # nothing good before: the timestamp counts from 0
+                    fid = max(0, round(ms * fps / 1000))
                 else:
-                    yield i, None, UNREADABLE_VIDEO_FRAME
-            i += 1
+                    fid = max(last_id + 1, last_id + round((ms - last_ms) * fps / 1000))
+                if fid - last_id - 1 > max(failed, min(header - last_id - 1, MAX_ID_GAP)):
+                    return  # more frames lost than failures and than the header promised
+                for gap in range(last_id + 1, fid):
+                    yield gap, None, UNREADABLE_VIDEO_FRAME
+                failed = 0
+            else:
+                fid = last_id + 1
+                ms = _prop(cap, cv2.CAP_PROP_POS_MSEC)
+                if fps > 0 and last_id >= 0 and ms > last_ms:
+                    # frames the demuxer dropped without a failed grab: the timestamp jumps
+                    step = round((ms - last_ms) * fps / 1000)
+                    if 2 <= step <= MAX_ID_GAP:
+                        fid = last_id + step
+                        for gap in range(last_id + 1, fid):
+                            yield gap, None, VIDEO_TIMESTAMP_GAP
+            last_id = fid
+            last_ms = _prop(cap, cv2.CAP_PROP_POS_MSEC)
+            if fid % stride:
+                yield fid, None, "frame_stride"
+                continue
+            try:
+                ok, img = cap.retrieve()
+            except Exception:
+                ok, img = False, None
+            if ok and img is not None and img.ndim == 3 and img.size:
+                yield fid, cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
+            else:
+                yield fid, None, UNREADABLE_VIDEO_FRAME
     finally:
         cap.release()
 
 
 def video_frame_count(path: str) -> int:
     """The header's frame count (may be wrong; 0 when unknown)."""
-    cap = cv2.VideoCapture(path)
+    return video_header(path)[1]
+
+
+def video_header(path: str) -> tuple[bool, int, int]:
+    """(opened, header frame count, min(width, height)) of a video; never raises.
+
+    The count may be wrong (0 when unknown or negative); the side is 0 when unknown.
+    """
     try:
-        return max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if cap.isOpened() else 0
+        cap = cv2.VideoCapture(path)
+    except Exception:
+        return False, 0, 0
+    try:
+        if not cap.isOpened():
+            return False, 0, 0
+        n = _prop(cap, cv2.CAP_PROP_FRAME_COUNT)
+        side = min(_prop(cap, cv2.CAP_PROP_FRAME_WIDTH), _prop(cap, cv2.CAP_PROP_FRAME_HEIGHT))
+        return True, int(n) if n > 0 else 0, int(side) if side > 0 else 0
     finally:
         cap.release()

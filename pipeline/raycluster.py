@@ -29,18 +29,44 @@ def ray_session(address: str | None = None, workers: int | None = None) -> Itera
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(
-            address="local",
-            num_cpus=workers,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=True,
-            _node_ip_address="127.0.0.1",
-        )
+        with _single_node():
+            ray.init(
+                address="local",
+                num_cpus=workers,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=True,
+                _node_ip_address="127.0.0.1",
+            )
     try:
         yield _resources()
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _single_node() -> Iterator[None]:
+    """Make Ray keep a local instance on the loopback interface.
+
+    Ray turns 127.0.0.1 into the machine's routable address unless clusters are disabled
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the processes Ray starts, and by this one
+    at import, hence the constant). With it, the GCS, raylet and workers listen on 127.0.0.1
+    only: nothing outside this machine can reach them.
+    """
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_const = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env
 
 
 def _resources() -> dict:

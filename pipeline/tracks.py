@@ -88,6 +88,7 @@ def _inputs(track: Track) -> Iterator[Decoded]:
 
 
 def _video_inputs(track: Track) -> Iterator[Decoded]:
+    """Every frame id of a video, in order, with its mask (by frame id, never by position)."""
     masks: Iterator | None = None
     mask_files: dict[int, str] | None = None
     if track.mask_video is not None:
@@ -95,16 +96,18 @@ def _video_inputs(track: Track) -> Iterator[Decoded]:
             mask_files = numbered_images(track.mask_video).by_id
         else:
             masks = fr.iter_video(track.mask_video, track.stride)
+    pending = (-1, None, None)  # the mask video's next frame not yet matched; None: it ended
     n = 0
     for fid, rgb, reason in fr.iter_video(track.dir, track.stride):
         n = fid + 1
         mask, mask_reason = None, None
         if masks is not None:
-            got = next(masks, None)
-            if got is None:
+            while pending is not None and pending[0] < fid:
+                pending = next(masks, None)
+            if pending is None or pending[0] != fid:
                 mask_reason = fr.MISSING_MASK
-            elif got[1] is not None:
-                mask = fr.threshold_mask(got[1])
+            elif pending[1] is not None:
+                mask = fr.threshold_mask(pending[1])
             elif reason is None:
                 mask_reason = fr.CORRUPT_MASK
         elif mask_files is not None and reason is None:
@@ -113,6 +116,8 @@ def _video_inputs(track: Track) -> Iterator[Decoded]:
                 None if name is None else os.path.join(track.mask_video, name)
             )
         yield fid, track.dir, rgb, reason, mask, mask_reason
+    if masks is not None:
+        masks.close()  # release the mask video now, not when collected
     # The header promised more frames than the stream gave: account for every one of them.
     for fid in range(n, track.expected):
         yield fid, track.dir, None, fr.VIDEO_STREAM_ENDED, None, None

@@ -74,22 +74,14 @@ def discover_video(
     excluded: list[Excluded] = []
     notes: list[str] = []
     unmasked: list[str] = []
-    import cv2  # local import: discovery of image sources needs no OpenCV
+    from pipeline.frames import video_header  # local import: image sources need no OpenCV
 
     for entry in entries:
         rel = relative(base, entry)
         name = safe_name(str(Path(rel).with_suffix("")) if entry.is_file() else rel)
         group = f"video-{name}"
         if entry.is_file():
-            cap = cv2.VideoCapture(str(entry))
-            opened = cap.isOpened()
-            n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if opened else 0
-            side = (
-                int(min(cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-                if opened
-                else 0
-            )
-            cap.release()
+            opened, n, side = video_header(str(entry))
             if not opened:
                 excluded.append(Excluded(f"{name}-00000000", str(base), (rel,), (-1,),
                                          "unreadable_video"))  # fmt: skip
