@@ -35,6 +35,7 @@ format: install
 bench: install
 	$(PY) bench/build_throughput.py
 	$(PY) bench/build_memory.py
+	$(PY) bench/plan_scale.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -31,9 +31,10 @@ from pipeline import build as b
 from pipeline.flow import OpenCVFlow
 from pipeline.frames import FrameSpec, parse_bg, prepare, read_image, read_mask
 from pipeline.plan import make_plan
-from pipeline.shards import window_job, write_planned_shard
+from pipeline.shards import shard_jobs, write_planned_shard
+from pipeline.sources import default_flow_size
 from pipeline.synth import generate
-from pipeline.tracks import TrackOptions, process_track
+from pipeline.tracks import CpuPairs, TrackOptions, process_track
 from shards_spec.writer import encode_png, write_shard
 
 
@@ -44,10 +45,13 @@ def naive_build(cfg: b.BuildConfig, out: Path) -> float:
     cv2.setNumThreads(1)
     t = time.perf_counter()
     disc = b.discover(cfg, progress=False)
-    work = out / ".work"
-    opts = TrackOptions(FrameSpec(cfg.size, cfg.flow_size, parse_bg(cfg.bg)))
+    work = out / ".cache"
+    flow_size = cfg.flow_size or default_flow_size(disc.tracks)
+    opts = TrackOptions(FrameSpec(cfg.size, flow_size, parse_bg(cfg.bg)))
     flow = OpenCVFlow("dis")
-    committed = {tr.track_id: process_track(work, tr, opts, flow)[0] for tr in disc.tracks}
+    committed = {
+        tr.track_id: process_track(work, tr, opts, CpuPairs(flow, 0)) for tr in disc.tracks
+    }
     plan = make_plan(
         [(tr, committed[tr.track_id]) for tr in disc.tracks],
         window=cfg.window,
@@ -56,11 +60,10 @@ def naive_build(cfg: b.BuildConfig, out: Path) -> float:
         shard_size=cfg.shard_size,
     )
     infos = {}
-    for split, shards in plan.shards.items():
-        for n, ws in enumerate(shards):
-            jobs = [window_job(w, work, False, False) for w in ws]
-            infos[(split, n)] = write_planned_shard(out, work, split, n, jobs)
-    b.write_outputs(out, cfg, disc, plan, committed, infos, "dis", None)
+    for split, n in plan.shard_ids:
+        jobs = shard_jobs(plan, split, n, work, False, False)
+        infos[(split, n)] = write_planned_shard(out, work, split, n, jobs)
+    b.write_outputs(out, cfg, disc, plan, committed, infos, "dis", None, flow_size)
     return time.perf_counter() - t
 
 
@@ -70,13 +73,13 @@ def _frame_work(cfg: b.BuildConfig, n: int) -> tuple[dict[str, float], list]:
 
     cv2.setNumThreads(1)
     disc = b.discover(cfg, progress=False)
-    frames = [f for t in disc.tracks for f in t.frames][:n]
-    spec = FrameSpec(cfg.size, cfg.flow_size, parse_bg(cfg.bg))
+    frames = [(tr, i) for tr in disc.tracks for i in range(len(tr.ids))][:n]
+    spec = FrameSpec(cfg.size, cfg.flow_size or default_flow_size(disc.tracks), parse_bg(cfg.bg))
     cost: dict[str, float] = {}
 
     t = time.perf_counter()
-    decoded = [read_image(f.path)[0] for f in frames]
-    masks = [read_mask(f.mask_path)[0] for f in frames]
+    decoded = [read_image(tr.frame_path(i))[0] for tr, i in frames]
+    masks = [read_mask(tr.mask_path(i))[0] for tr, i in frames]
     cost["decode (image + mask)"] = (time.perf_counter() - t) / n
 
     t = time.perf_counter()

@@ -32,7 +32,7 @@ from pipeline.config import (  # noqa: F401 - re-exported: the build API in one 
 from pipeline.outputs import format_summary, write_outputs  # noqa: F401 - re-exported
 from pipeline.plan import Plan, make_plan
 from pipeline.raycluster import ray_session
-from pipeline.shards import done_shard, window_job, write_planned_shard
+from pipeline.shards import done_shard, shard_jobs, write_planned_shard
 from pipeline.sources import Discovery, Track, default_flow_size
 from pipeline.tracks import ChunkedPairs, CpuPairs, TrackOptions, load_meta, process_track
 from shards_spec.writer import atomic_write_json
@@ -272,6 +272,8 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
         identity = _identity(cfg, disc, backend, flow_size)
         if _prepare_out(out, identity, rt.overwrite):
             print(f"{out}: already complete; nothing to do")
+            if rt.drop_cache:
+                shutil.rmtree(cache, ignore_errors=True)
             return json.loads((out / "summary.json").read_text())
         spec = fr.FrameSpec(cfg.size, flow_size, fr.parse_bg(cfg.bg))
         opts = TrackOptions(spec, cfg.keep_mask, cfg.keep_flow, backend, flow_id)
@@ -363,26 +365,26 @@ class _Laps:
 def _write_shards(
     plan: Plan, out: Path, work: Path, cache: Path, cfg, rt, cpus
 ) -> dict[tuple[str, int], dict]:
+    """Write the shards not yet committed; a shard's jobs are built only when it is submitted."""
     infos: dict[tuple[str, int], dict] = {}
     todo = []
-    for split, shards in plan.shards.items():
-        for n, ws in enumerate(shards):
-            info = done_shard(work, split, n, out)
-            if info is None:
-                jobs = [window_job(w, cache, cfg.keep_mask, bool(cfg.keep_flow)) for w in ws]
-                todo.append((split, n, jobs))
-            else:
-                infos[(split, n)] = info
+    for split, n in plan.shard_ids:
+        info = done_shard(work, split, n, out)
+        if info is None:
+            todo.append((split, n))
+        else:
+            infos[(split, n)] = info
     limit = _in_flight(cpus, rt.workers)
 
     def submit(item):
-        split, n, jobs = item
+        split, n = item
+        jobs = shard_jobs(plan, split, n, cache, cfg.keep_mask, bool(cfg.keep_flow))
         return _shard_task.remote(str(out), str(work), split, n, jobs)
 
-    total = sum(len(s) for s in plan.shards.values())
+    total = len(plan.shard_ids)
     with tqdm(total=total, initial=len(infos), unit="shard", desc="shards",
               disable=not rt.progress, dynamic_ncols=True) as bar:  # fmt: skip
-        for (split, n, _), info in _bounded(submit, todo, limit):
+        for (split, n), info in _bounded(submit, todo, limit):
             infos[(split, n)] = info
             bar.update(1)
     return infos

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
-from shards_spec.format import distinct_pair_values
-from shards_spec.reader import decode_sample, open_build
+from shards_spec.reader import decode_sample, open_build, pair_values
 from shards_spec.writer import atomic_write_bytes, encode_png
 
 TILE_MIN = 128  # frames smaller than this are enlarged (nearest) so the labels stay readable
@@ -75,24 +75,33 @@ def inspect_build(
     ``<stem>_flow_hist.png``. Returns a report dict (see format_inspect).
     """
     build = open_build(path)
-    rows = build.index().to_pylist()
+    table = build.index(["split", "clip_id", "frame_ids", "flow_msq", "weight"])
     grid_path = Path(out_png) if out_png else build.path / "inspect.png"
     hist_path = grid_path.with_name(f"{grid_path.stem}_flow_hist.png")
 
     splits = build.splits
-    values = {s: distinct_pair_values(r for r in rows if r["split"] == s) for s in splits}
+    split_col = table.column("split")
+    in_split = {s: pc.equal(split_col, s).fill_null(False) for s in splits}
+    values = {s: pair_values(table.filter(m)) for s, m in in_split.items()}
+    weights = {
+        s: pc.list_flatten(table.filter(m).column("weight")).to_numpy(zero_copy_only=False)
+        for s, m in in_split.items()
+    }
+    index_rows = {s: int(pc.sum(m).as_py() or 0) for s, m in in_split.items()}
+    n_rows = table.num_rows
+    del table, split_col, in_split
     sigma = float(build.manifest["flow"]["sigma"])
     hist_bytes, hist = _hist_png(values, sigma)
     atomic_write_bytes(hist_path, hist_bytes)
 
     rng = np.random.default_rng(seed)
-    picked = sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False).tolist())
-    raw = build.raw_at((rows[i]["shard"], rows[i]["position"]) for i in picked)
+    picked = sorted(rng.choice(n_rows, size=min(n, n_rows), replace=False).tolist())
+    where = build.index(["shard", "position"]).take(picked).to_pylist()
+    raw = build.raw_at((r["shard"], r["position"]) for r in where)
     samples = [decode_sample(r, build.window) for r in raw]
     grid = _grid(samples, build.window, build.image_size)
     atomic_write_bytes(grid_path, encode_png(grid))
 
-    weights = {s: [w for r in rows if r["split"] == s for w in r["weight"]] for s in splits}
     return {
         "path": str(build.path),
         "spec_version": build.manifest["spec_version"],
@@ -100,10 +109,10 @@ def inspect_build(
         "image_size": build.image_size,
         "members": build.members,
         "counts": {s: build.count(s) for s in splits},
-        "index_rows": {s: sum(r["split"] == s for r in rows) for s in splits},
+        "index_rows": index_rows,
         "shards": {s: len(build.urls(s)) for s in splits},
         "pairs": {s: len(v) for s, v in values.items()},
-        "mean_weight": {s: float(np.mean(w)) if w else None for s, w in weights.items()},
+        "mean_weight": {s: float(np.mean(w)) if len(w) else None for s, w in weights.items()},
         "sigma": sigma,
         "flow_backend": build.manifest["flow"]["backend"],
         "flow_stats": build.manifest["flow"]["stats"],

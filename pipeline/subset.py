@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from shards_spec.format import (
     INDEX_NAME,
@@ -27,12 +30,17 @@ from shards_spec.format import (
     MANIFEST_NAME,
     SKIPPED_NAME,
     SUMMARY_NAME,
-    distinct_pair_values,
+    SpecError,
     flow_stats,
     shard_path,
 )
-from shards_spec.reader import open_build
-from shards_spec.writer import write_index, write_manifest, write_shard
+from shards_spec.reader import open_build, pair_values
+from shards_spec.writer import (
+    _parquet_bytes,
+    atomic_write_bytes,
+    write_manifest,
+    write_shard,
+)
 
 
 class WhereError(ValueError):
@@ -46,6 +54,14 @@ OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
     "==": operator.eq,
     "!=": operator.ne,
+}
+ARROW_OPS: dict[str, Callable] = {
+    "<": pc.less,
+    "<=": pc.less_equal,
+    ">": pc.greater,
+    ">=": pc.greater_equal,
+    "==": pc.equal,
+    "!=": pc.not_equal,
 }
 LIST_COLUMNS = {"frame_ids", "flow_msq", "weight"}
 NUMERIC_COLUMNS = {"position", "sequence", "camera"} | LIST_COLUMNS
@@ -69,6 +85,18 @@ class Condition:
     column: str
     op: str
     value: float | str
+
+    def mask(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        """:meth:`holds` for every cell of an index column at once (bool per row)."""
+        col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        test = ARROW_OPS[self.op]
+        if self.column in LIST_COLUMNS:
+            ok = test(pc.list_flatten(col), self.value).fill_null(False)
+            ok = ok.to_numpy(zero_copy_only=False)
+            parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+            failing = np.bincount(parents[~ok], minlength=len(col)) > 0
+            return ~failing & col.is_valid().to_numpy(zero_copy_only=False)
+        return test(col, self.value).fill_null(False).to_numpy(zero_copy_only=False)
 
     def holds(self, cell: Any) -> bool:
         if cell is None:
@@ -130,20 +158,25 @@ def _condition(part: list[tuple[str, str]]) -> Condition:
 
 
 def select_rows(
-    rows: list[dict],
+    rows: pa.Table | list[dict],
     split: str | None = None,
     where: str | None = None,
     n: int | None = None,
     seed: int = 0,
 ) -> list[int]:
-    """Indices of the chosen index rows, ascending (index order kept)."""
+    """Indices of the chosen index rows, ascending (index order kept).
+
+    ``rows`` is the index as an Arrow table (it needs the ``split`` column and those ``where``
+    names) or a list of row dicts.
+    """
     conditions = parse_where(where) if where else []
-    keep = [
-        i
-        for i, row in enumerate(rows)
-        if (split is None or row["split"] == split)
-        and all(c.holds(row[c.column]) for c in conditions)
-    ]
+    table = pa.Table.from_pylist(rows) if isinstance(rows, list) else rows
+    mask = np.ones(table.num_rows, bool)
+    if split is not None:
+        mask &= pc.equal(table.column("split"), split).fill_null(False).to_numpy()
+    for c in conditions:
+        mask &= c.mask(table.column(c.column))
+    keep = np.flatnonzero(mask).tolist()
     if n is None:
         return keep
     if n < 0:
@@ -182,12 +215,19 @@ def _fingerprint(src: Path) -> str:
     return hashlib.sha256((src / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
-def _counts(rows: list[dict]) -> dict:
+def _counts(table: pa.Table) -> dict:
+    """windows, distinct clips, distinct (clip_id, frame_id) and distinct pairs of index rows."""
+    clip = pc.dictionary_encode(table.column("clip_id").combine_chunks()).indices
+    ids = table.column("frame_ids").combine_chunks()
+    lens = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
+    codes = np.repeat(clip.to_numpy(zero_copy_only=False).astype(np.int64), lens)
+    flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    frames = len(np.unique(np.stack([codes, flat], axis=1), axis=0)) if len(flat) else 0
     return {
-        "windows": len(rows),
-        "clips": len({r["clip_id"] for r in rows}),
-        "frames": len({(r["clip_id"], f) for r in rows for f in r["frame_ids"]}),
-        "pairs": len(distinct_pair_values(rows)),
+        "windows": table.num_rows,
+        "clips": int(pc.count_distinct(table.column("clip_id")).as_py()),
+        "frames": int(frames),
+        "pairs": len(pair_values(table)),
     }
 
 
@@ -207,33 +247,48 @@ def subset_build(
     source = open_build(src)
     if split is not None and split not in source.splits:
         raise ValueError(f"--split {split!r} is not in the build (has {', '.join(source.splits)})")
-    all_rows = source.index().select(COLUMNS).to_pylist()
-    chosen = [all_rows[i] for i in select_rows(all_rows, split, where, n, seed)]
-    if not chosen:
+    names = ["split", *sorted({c.column for c in (parse_where(where) if where else [])})]
+    picked = select_rows(source.index(list(dict.fromkeys(names))), split, where, n, seed)
+    if not picked:
         raise ValueError("no samples match; nothing to write")
+    n_source = pq.ParquetFile(source.path / INDEX_NAME).metadata.num_rows
+    chosen = source.index(list(COLUMNS)).take(picked).combine_chunks()
+    del picked
     src_path, out_path = Path(source.path), Path(out)
     _prepare_out(src_path, out_path, overwrite)
 
-    fetched = source.raw_at((r["shard"], r["position"]) for r in chosen)
+    fetched = source.raw_at(_locations(chosen))
     splits: dict[str, dict] = {}
-    new_rows: list[dict] = []
-    for name, group in itertools.groupby(chosen, key=lambda r: r["split"]):
-        rows = list(group)
+    new_shard: list[str] = []
+    new_position: list[np.ndarray] = []
+    start = 0
+    for name, group in itertools.groupby(chosen.column("split").to_pylist()):
+        count = sum(1 for _ in group)
         entries = []
-        for number, start in enumerate(range(0, len(rows), shard_size)):
-            part = rows[start : start + shard_size]
+        for number, first in enumerate(range(start, start + count, shard_size)):
+            part = chosen.slice(first, min(shard_size, start + count - first))
             rel = shard_path(name, number)
-            samples = _checked(itertools.islice(fetched, len(part)), part)
+            samples = _checked(itertools.islice(fetched, part.num_rows), part)
             entries.append({**write_shard(out_path / rel, samples), "path": rel})
-            new_rows += [{**r, "shard": rel, "position": p} for p, r in enumerate(part)]
-        splits[name] = {"samples": len(rows), "shards": entries}
-    write_index(out_path / INDEX_NAME, new_rows)
+            new_shard += [rel] * part.num_rows
+            new_position.append(np.arange(part.num_rows, dtype=np.int32))
+        splits[name] = {"samples": count, "shards": entries}
+        start += count
+    columns = {n: chosen.column(n) for n in COLUMNS}
+    columns["shard"] = pa.array(new_shard, pa.string())
+    columns["position"] = pa.array(np.concatenate(new_position), pa.int32())
+    try:
+        new = pa.Table.from_arrays([columns[n] for n in COLUMNS], schema=INDEX_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise SpecError(f"index rows do not fit the schema: {exc}") from exc
+    del chosen, columns, new_shard, new_position
+    atomic_write_bytes(out_path / INDEX_NAME, _parquet_bytes(new))
 
     manifest = copy.deepcopy(source.manifest)
     manifest["splits"] = splits
-    manifest["counts"] = _counts(new_rows)
+    manifest["counts"] = _counts(new)
     manifest["flow"]["stats"] = flow_stats(
-        distinct_pair_values(r for r in new_rows if r["split"] == "train")
+        pair_values(new.filter(pc.equal(new.column("split"), "train")))
     )
     manifest["build_config"] = {
         "subset_of": {
@@ -252,20 +307,28 @@ def subset_build(
     return {
         "out": str(out_path),
         "source": str(src_path),
-        "source_samples": len(all_rows),
-        "samples": len(new_rows),
+        "source_samples": n_source,
+        "samples": new.num_rows,
         "splits": {s: v["samples"] for s, v in splits.items()},
         "shards": sum(len(v["shards"]) for v in splits.values()),
         "flow_stats": manifest["flow"]["stats"],
     }
 
 
-def _checked(samples, rows: list[dict]):
-    for raw, row in zip(samples, rows, strict=True):
-        if raw["__key__"] != row["key"]:
+def _locations(table: pa.Table):
+    """(shard, position) of each row, read a batch at a time."""
+    for batch in table.select(["shard", "position"]).to_batches(65536):
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+
+
+def _checked(samples, part: pa.Table):
+    keys = part.column("key").to_pylist()
+    where = _locations(part)
+    for raw, key, (shard, position) in zip(samples, keys, where, strict=True):
+        if raw["__key__"] != key:
             raise ValueError(
-                f"index and shard disagree: {row['shard']} position {row['position']} holds "
-                f"{raw['__key__']}, index says {row['key']}"
+                f"index and shard disagree: {shard} position {position} holds "
+                f"{raw['__key__']}, index says {key}"
             )
         yield raw
 

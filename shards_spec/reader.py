@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -141,6 +142,40 @@ def _pick(samples: Iterator[dict], shard: str, positions: list[int]) -> Iterator
         yield from (found[p] for p in positions)
 
 
+def pair_values(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """flow_msq of each distinct adjacent pair (clip_id, frame_a, frame_b) of index rows.
+
+    The same values, in the same order (first occurrence), as
+    ``shards_spec.format.distinct_pair_values(table.to_pylist())``, computed column-wise.
+    ``table`` needs the columns clip_id, frame_ids and flow_msq.
+    """
+    n = table.num_rows
+    if n == 0:
+        return np.zeros(0, np.float64)
+    ids_col = _combined(table.column("frame_ids"))
+    msq_col = _combined(table.column("flow_msq"))
+    ids = ids_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    msq = msq_col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    lens = pc.list_value_length(ids_col).fill_null(0).to_numpy(zero_copy_only=False)
+    mlens = pc.list_value_length(msq_col).fill_null(0).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    if np.any(mlens > np.maximum(lens - 1, 0)):
+        raise SpecError("index: a row has more flow_msq values than adjacent frame pairs")
+    row = np.repeat(np.arange(n), mlens)  # the row of each flow_msq value
+    j = np.arange(len(msq)) - np.repeat(np.cumsum(mlens) - mlens, mlens)  # pair number in row
+    a = ids[starts[row] + j]
+    b = ids[starts[row] + j + 1]
+    clips = pc.dictionary_encode(_combined(table.column("clip_id"))).indices
+    clip = clips.to_numpy(zero_copy_only=False).astype(np.int64)[row]
+    keys = np.stack([clip, a, b], axis=1)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    return msq[np.sort(first)]
+
+
+def _combined(column) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """Load and check ``dataset.json`` of the build at `path` (raises a one-line SpecError)."""
     file = Path(path) / MANIFEST_NAME
@@ -205,9 +240,21 @@ class Build:
         """Number of samples in `split`."""
         return int(self._split(split)["samples"])
 
-    def index(self) -> pa.Table:
-        """The index table (one row per sample)."""
-        return pq.read_table(self.path / INDEX_NAME)
+    def index(self, columns: list[str] | None = None) -> pa.Table:
+        """The index table (one row per sample), or only ``columns`` of it.
+
+        Read only the columns you need: at HanCo size (~850k rows) the whole table is a few
+        hundred MB in Arrow, and several GB as Python objects (``to_pylist``).
+        """
+        return pq.read_table(self.path / INDEX_NAME, columns=columns)
+
+    def index_batches(
+        self, columns: list[str] | None = None, batch_size: int = 65536
+    ) -> Iterator[pa.RecordBatch]:
+        """The index's rows in order, ``batch_size`` at a time (bounded memory)."""
+        yield from pq.ParquetFile(self.path / INDEX_NAME).iter_batches(
+            batch_size=batch_size, columns=columns
+        )
 
     def raw_at(self, wanted: Iterable[tuple[str, int]]) -> Iterator[dict]:
         """Raw samples at ``(shard, position)`` pairs, in the order given.

@@ -306,28 +306,29 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
         problems.add(f"{INDEX_NAME}: missing")
         return
     try:
-        table = pq.read_table(file)
+        parquet = pq.ParquetFile(file)
+        schema = parquet.schema_arrow
     except Exception as exc:
         problems.add(f"{INDEX_NAME}: unreadable ({_exc_text(exc)})")
         return
     bad = False
     for field in INDEX_SCHEMA:
-        if field.name not in table.schema.names:
+        if field.name not in schema.names:
             problems.add(f"{INDEX_NAME}: column {field.name} missing")
             bad = True
-        elif not table.schema.field(field.name).type.equals(field.type):
-            got = table.schema.field(field.name).type
+        elif not schema.field(field.name).type.equals(field.type):
+            got = schema.field(field.name).type
             problems.add(f"{INDEX_NAME}: column {field.name} is {got}, expected {field.type}")
             bad = True
     if bad:
         return
-    rows = table.select(INDEX_SCHEMA.names).to_pylist()
-    if not _well_ordered(rows):
-        problems.add(f"{INDEX_NAME}: rows are not grouped by split and ordered by shard, position")
     at = {(rel, pos): key for key, (rel, pos, _, _) in seen.items()}
     indexed: set[str] = set()
     per_split: dict[str, int] = {}
-    for i, row in enumerate(rows):
+    order = _Order()
+    failed: list[str] = []
+    for i, row in enumerate(_index_rows(parquet, failed)):
+        order.add(row)
         key = row["key"]
         per_split[row["split"]] = per_split.get(row["split"], 0) + 1
         if key in indexed:
@@ -341,6 +342,11 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
             )
             continue
         _compare_row(i, row, seen[key], problems)
+    if failed:
+        problems.add(failed[0])
+        return
+    if not order.ok:
+        problems.add(f"{INDEX_NAME}: rows are not grouped by split and ordered by shard, position")
     for key, (rel, pos, _, _) in seen.items():
         if key not in indexed:
             problems.add(f"{INDEX_NAME}: no row for sample {key} ({rel} position {pos})")
@@ -355,17 +361,42 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
             problems.add(f"{INDEX_NAME}: rows for split {split} not in manifest")
 
 
-def _well_ordered(rows: list[dict]) -> bool:
-    """Rows of a split are contiguous and ordered by (shard, position)."""
-    done: set[str] = set()
-    for prev, row in zip([None, *rows[:-1]], rows, strict=True):
-        if prev is not None and prev["split"] == row["split"]:
-            if (prev["shard"], prev["position"]) >= (row["shard"], row["position"]):
-                return False
-        elif row["split"] in done:
-            return False
-        done.add(row["split"])
-    return True
+INDEX_BATCH = 65536  # index rows turned into Python objects at a time
+
+
+def _index_rows(parquet: pq.ParquetFile, failed: list[str]):
+    """The index's rows as dicts, a batch at a time (the whole index as Python objects would
+    take GBs at HanCo size); a read error ends them, its message appended to ``failed``."""
+    batches = parquet.iter_batches(batch_size=INDEX_BATCH, columns=INDEX_SCHEMA.names)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:
+            failed.append(f"{INDEX_NAME}: unreadable ({_exc_text(exc)})")
+            return
+        if batch is None:
+            return
+        yield from batch.to_pylist()
+
+
+class _Order:
+    """Rows of a split are contiguous and ordered by (shard, position), checked row by row."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.done: set[str] = set()
+        self.prev: tuple | None = None
+
+    def add(self, row: dict) -> None:
+        cur = (row["split"], row["shard"], row["position"])
+        prev = self.prev
+        if prev is not None and prev[0] == cur[0]:
+            if prev[1:] >= cur[1:]:
+                self.ok = False
+        elif cur[0] in self.done:
+            self.ok = False
+        self.done.add(cur[0])
+        self.prev = cur
 
 
 INDEXED_FIELDS = ("clip_id", "source", "sequence", "camera", "subject", "object", "frame_ids")
