@@ -174,8 +174,6 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
     only if the source data is unchanged). The track cache is never removed here: each entry
     carries its own key and is recomputed when that no longer matches.
     """
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"--out {out} is a file, not a folder")
     work = out / ".work"
     previous = None
     if (out / "dataset.json").is_file():

@@ -256,11 +256,6 @@ def iter_video(
         cap.release()
 
 
-def video_frame_count(path: str) -> int:
-    """The header's frame count (may be wrong; 0 when unknown)."""
-    return video_header(path)[1]
-
-
 def video_header(path: str) -> tuple[bool, int, int]:
     """(opened, header frame count, min(width, height)) of a video; never raises.
 

@@ -15,11 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.sources import (
-    DUPLICATE_FRAME_ID,
     DUPLICATE_MASK_ID,
     FRAME_STRIDE,
     MAX_CLIPS,
-    NO_FRAME_NUMBER,
     NOT_GREEN_SCREEN,
     NOT_VALID,
     Discovery,
@@ -227,11 +225,7 @@ def _camera_tracks(
             excluded.append(Excluded(f"{prefix}-{fids[0]:08d}", where, tuple(names),
                                      tuple(fids), reason))  # fmt: skip
 
-    if files.unnumbered:
-        excluded.append(Excluded(f"{prefix}-unnumbered", d, tuple(files.unnumbered),
-                                 (-1,) * len(files.unnumbered), NO_FRAME_NUMBER))  # fmt: skip
-    for fid, names in sorted(files.duplicates.items()):
-        exclude(DUPLICATE_FRAME_ID, [fid] * len(names), names)
+    excluded.extend(files.excluded(prefix, d))
     all_ids = sorted(set(files.by_id) | set(files.duplicates))
     for key, values in per_frame.items():
         meta.check_length(key, values, seq_name, all_ids)

@@ -14,7 +14,7 @@ def ray_session(address: str | None = None, workers: int | None = None) -> Itera
     """Join ``address`` (or $RAY_ADDRESS), else start a private local Ray instance.
 
     The local instance (``address="local"``) never attaches to another Ray found on the machine
-    (a stale ``/tmp/ray/ray_current_cluster`` included), listens on 127.0.0.1 only, and gets
+    (a stale ``ray_current_cluster`` file in Ray's temp folder included), listens on 127.0.0.1 only, and gets
     ``workers`` CPUs, or what Ray itself detects (it respects a container's CPU quota). No
     dashboard, no usage stats, and workers at normal priority: Ray's default (niceness 15) lets
     its own agents and the driver preempt the workers on a small machine.

@@ -177,6 +177,18 @@ class Numbered:
     unnumbered: list[str]  # image files with no frame number
     sizes: dict[str, int]  # file name -> bytes, for the fingerprint
 
+    def excluded(self, prefix: str, folder: str) -> list[Excluded]:
+        """Skip records of the files no frame id can be given to: unnumbered or duplicated."""
+        out = []
+        if self.unnumbered:
+            n = len(self.unnumbered)
+            out.append(Excluded(f"{prefix}-unnumbered", folder, tuple(self.unnumbered),
+                                (-1,) * n, NO_FRAME_NUMBER))  # fmt: skip
+        for fid, names in sorted(self.duplicates.items()):
+            out.append(Excluded(f"{prefix}-{fid:08d}", folder, tuple(names), (fid,) * len(names),
+                                DUPLICATE_FRAME_ID))  # fmt: skip
+        return out
+
 
 def numbered_images(folder: str | os.PathLike, digits_only: bool = False) -> Numbered:
     """List a frame folder by frame number, never by name as text (``2.png`` before ``10.png``).

@@ -13,12 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.sources import (
-    DUPLICATE_FRAME_ID,
     DUPLICATE_MASK_ID,
     FRAME_STRIDE,
     IMAGE_EXTENSIONS,
     MAX_CLIPS,
-    NO_FRAME_NUMBER,
     VIDEO_EXTENSIONS,
     Discovery,
     Excluded,
@@ -115,12 +113,7 @@ def discover_video(
         if mroot is not None and mdir is None:
             unmasked.append(rel)
         masks = numbered_images(mdir) if mdir else None
-        if files.unnumbered:
-            excluded.append(Excluded(f"{name}-unnumbered", d, tuple(files.unnumbered),
-                                     (-1,) * len(files.unnumbered), NO_FRAME_NUMBER))  # fmt: skip
-        for fid, names in sorted(files.duplicates.items()):
-            excluded.append(Excluded(f"{name}-{fid:08d}", d, tuple(names), (fid,) * len(names),
-                                     DUPLICATE_FRAME_ID))  # fmt: skip
+        excluded.extend(files.excluded(name, d))
         ids = sorted(files.by_id)  # a duplicated id is missing: a gap, which ends a track
         if masks is not None:
             bad = [f for f in ids if f in masks.duplicates]
