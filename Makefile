@@ -36,6 +36,7 @@ bench: install
 	$(PY) bench/build_throughput.py
 	$(PY) bench/build_memory.py
 	$(PY) bench/plan_scale.py
+	$(PY) bench/discover_scale.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
