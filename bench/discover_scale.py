@@ -3,8 +3,9 @@
 Fabricates ``--sequences`` x 8 cameras x 70 frames of 224 px JPEGs (hard links to one file per
 sequence, so the tree costs almost no disk) plus ``mask_fg`` and a real-format ``meta.json``,
 then times ``discover_handco`` (directory listing, numbering, stat of every image and mask for
-the fingerprints, one image header per track for the flow size) three times, each in a fresh process
-(the tree was just written: the page cache is warm; a cold network file system is slower). HanCo itself is 1518 sequences: multiply by 1518 / sequences.
+the fingerprints, one image header per track for the flow size) three times, each in a fresh
+process. The tree was just written, so the page cache is warm; a cold network file system is
+slower. HanCo itself is 1518 sequences: multiply by 1518 / sequences.
 """
 
 from __future__ import annotations
