@@ -81,6 +81,10 @@ def check_config(cfg: BuildConfig) -> None:
             raise BuildError(
                 f"--{name.replace('_', '-')} must be a positive multiple of 8, not {v}"
             )
+    for name, high in (("size", 2048), ("flow_size", 2048), ("keep_flow", 1024)):
+        v = getattr(cfg, name)
+        if v is not None and v > high:
+            raise BuildError(f"--{name.replace('_', '-')} must be at most {high}, not {v}")
     for name, low in (("window", 2), ("shard_size", 1), ("seed", 0), ("max_windows", 1),
                       ("keep_flow", 0), ("flow_batch", 1), ("raft_iters", 1),
                       ("frame_stride", 1), ("max_clips", 1), ("synth_sequences", 1),

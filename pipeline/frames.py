@@ -22,8 +22,7 @@ CORRUPT_MASK = "corrupt_mask"
 EMPTY_MASK = "empty_mask"
 MASK_SIZE = "mask_size_mismatch"
 UNREADABLE_VIDEO_FRAME = "unreadable_video_frame"
-VIDEO_STREAM_ENDED = "video_stream_ended"
-VIDEO_TIMESTAMP_GAP = "video_timestamp_gap"  # frames dropped silently: the timestamps jump  # the header promised frames the stream never gave
+VIDEO_STREAM_ENDED = "video_stream_ended"  # the header promised frames the stream never gave
 FRAME_SIZE = "frame_size_mismatch"
 EMPTY_FILE = "empty_file"  # zero bytes: an interrupted download or copy
 EMPTY_MASK_FILE = "empty_mask_file"
@@ -180,11 +179,9 @@ def iter_video(
     """Decode a video sequentially to its real end: (frame_id, RGB or None, reason).
 
     Every frame id from 0 to the last one given is yielded exactly once, in order, and no frame
-    is yielded twice. Without a failed grab, ids count the frames the stream gave, except where
-    the timestamp jumps forward by two frame intervals or more: the demuxer dropped frames
-    without a failed grab, the frame gets the id its timestamp implies and the ids skipped are
-    ``video_timestamp_gap`` (a timestamp that stalls or goes back is ignored: some containers
-    shift them or give none, so it never merges frames); the header's frame count is not
+    is yielded twice. Without a failed grab, ids count the frames the stream gave (timestamps
+    are not trusted there: some codecs report a decoder delay as a jump, some containers shift
+    them or give none); the header's frame count is not
     trusted either (it can be smaller or larger). Frames whose id is not a multiple of
     ``stride`` are grabbed but not decoded (reason ``frame_stride``); a grabbed frame that does
     not decode is ``unreadable_video_frame``.
@@ -231,14 +228,6 @@ def iter_video(
                 failed = 0
             else:
                 fid = last_id + 1
-                ms = _prop(cap, cv2.CAP_PROP_POS_MSEC)
-                if fps > 0 and last_id >= 0 and ms > last_ms:
-                    # frames the demuxer dropped without a failed grab: the timestamp jumps
-                    step = round((ms - last_ms) * fps / 1000)
-                    if 2 <= step <= MAX_ID_GAP:
-                        fid = last_id + step
-                        for gap in range(last_id + 1, fid):
-                            yield gap, None, VIDEO_TIMESTAMP_GAP
             last_id = fid
             last_ms = _prop(cap, cv2.CAP_PROP_POS_MSEC)
             if fid % stride:

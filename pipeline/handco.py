@@ -28,8 +28,10 @@ from pipeline.sources import (
     discovery_fingerprint,
     fingerprint_of,
     first_side,
+    is_number,
     numbered_images,
     parse_selection,
+    relative,
 )
 
 META_KEYS = ("is_train", "subject_id", "is_valid", "object_id", "has_fit")
@@ -140,17 +142,11 @@ def discover_handco(
 
     tracks: list[Track] = []
     excluded: list[Excluded] = []
-    seq_dirs = sorted(
-        (int(p.name), p.name) for p in os.scandir(rgb) if p.is_dir() and p.name.isdigit()
-    )
-    for seq, seq_name in seq_dirs:
+    ignored: list[str] = []
+    for seq, seq_name in _numbered_dirs(rgb, "", ignored):
         if seq_sel is not None and seq not in seq_sel:
             continue
-        cam_dirs = sorted(
-            (int(p.name[3:]), p.name)
-            for p in os.scandir(rgb / seq_name)
-            if p.is_dir() and p.name.startswith("cam") and p.name[3:].isdigit()
-        )
+        cam_dirs = _numbered_dirs(rgb / seq_name, "cam", ignored)
         cam_dirs = [(c, n) for c, n in cam_dirs if cam_sel is None or c in cam_sel]
         if not cam_dirs:
             continue
@@ -188,12 +184,18 @@ def discover_handco(
         elif n_out:
             why = f" ({n_out} frames excluded; see their reasons with --all-frames or the files)"
         raise SourceError(f"empty dataset: no usable frames under {rgb}{why}")
+    notes = []
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (
+            f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        )
+        notes.append(f"ignored {len(ignored)} entries that are not SEQ/camC folders: {shown}")
     meta_stat = ""
     if meta.data is not None:
         st = meta.path.stat()
         meta_stat = f"meta.json {st.st_size} {st.st_mtime_ns}"
     fp = discovery_fingerprint(str(root), tracks, [meta_stat, f"excluded {len(excluded)}"])
-    return Discovery(tracks, excluded, fp, str(root))
+    return Discovery(tracks, excluded, fp, str(root), notes)
 
 
 def _camera_tracks(
@@ -258,8 +260,8 @@ def _camera_tracks(
         mask_names: tuple = ()
         if masks is not None:
             mask_names = tuple(masks.by_id.get(f) for f in kept)
-        subject = _most_common(subjects, kept)
-        obj = _most_common(objects, kept)
+        subject = _most_common(subjects, kept, f"{meta.path}: subject_id[{seq}]")
+        obj = _most_common(objects, kept, f"{meta.path}: object_id[{seq}]")
         fp = fingerprint_of(
             [f"{n} {files.sizes.get(n, -1)}" for n in names]
             + (
@@ -292,11 +294,31 @@ def _camera_tracks(
     return tracks, excluded
 
 
-def _most_common(values: list | None, fids: Sequence[int]):
+MAX_ID = 2**31  # sequence and camera numbers are int32 in the index
+
+
+def _numbered_dirs(folder: Path, prefix: str, ignored: list[str]) -> list[tuple[int, str]]:
+    """Sub-folders named ``{prefix}{number}``, by number; anything else goes to ``ignored``."""
+    out = []
+    for p in os.scandir(folder):
+        num = p.name[len(prefix) :]
+        if p.is_dir() and p.name.startswith(prefix) and is_number(num):
+            if int(num) >= MAX_ID:
+                raise SourceError(f"{p.path}: number {num} is too large (at most {MAX_ID - 1})")
+            out.append((int(num), p.name))
+        elif not p.name.startswith("."):
+            ignored.append(relative(folder.parent if prefix else folder, p.path))
+    return sorted(out)
+
+
+def _most_common(values: list | None, fids: Sequence[int], what: str = "value"):
     """The most common non-null value of a per-frame meta list over ``fids`` (None if absent)."""
     if values is None:
         return None
     seen = [values[f] for f in fids if 0 <= f < len(values) and values[f] is not None]
+    bad = next((v for v in seen if not isinstance(v, (int, float, str))), None)
+    if bad is not None:
+        raise SourceError(f"{what} values must be numbers or strings, not {bad!r}")
     if not seen:
         return None
     return max(sorted(set(seen), key=str), key=seen.count)

@@ -160,12 +160,22 @@ def parse_selection(spec: str | None, what: str = "selection") -> set[int] | Non
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
+MAX_FRAME_NUMBER = 2**62  # ids are int64 in the index; a larger number is not a frame number
+
+
+def is_number(name: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also accepts '²', which ``int`` refuses)."""
+    return name.isascii() and name.isdigit()
+
+
 def frame_number(stem: str, digits_only: bool = False) -> int | None:
     """The frame number in a file stem: the whole stem (HanCo), else its last run of digits."""
     if digits_only:
-        return int(stem) if stem.isdigit() else None
-    m = _NUMBER.search(stem)
-    return int(m.group(1)) if m else None
+        n = int(stem) if is_number(stem) else None
+    else:
+        m = _NUMBER.search(stem)
+        n = int(m.group(1)) if m else None
+    return n if n is not None and n < MAX_FRAME_NUMBER else None
 
 
 @dataclass
@@ -207,10 +217,10 @@ def numbered_images(folder: str | os.PathLike, digits_only: bool = False) -> Num
         name = e.name
         if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
-        try:
-            if not e.is_file():
+        try:  # a broken link named like a frame is kept: reading it records missing_image
+            if not (e.is_file() or (e.is_symlink() and not e.is_dir())):
                 continue
-            sizes[name] = e.stat().st_size
+            sizes[name] = e.stat().st_size if e.is_file() else -1
         except OSError:
             sizes[name] = -1
         n = frame_number(os.path.splitext(name)[0], digits_only)

@@ -32,17 +32,17 @@ from pipeline.sources import (
 )
 
 
-def _entries(root: Path) -> Iterator[Path]:
-    """Video files and frame folders under ``root``, recursively, in sorted path order."""
+def _entries(root: Path) -> Iterator[tuple[Path, bool]]:
+    """(path, is_video): video files and frame folders under ``root`` (itself included),
+    recursively, in sorted path order. A link to a missing video is listed, so it is recorded."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
-        if here != root and any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-                                for f in filenames):  # fmt: skip
-            yield here
+        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in filenames):
+            yield here, False
         for f in sorted(filenames):
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
-                yield here / f
+                yield here / f, True
 
 
 def discover_video(
@@ -65,7 +65,7 @@ def discover_video(
     if root.is_file():
         if root.suffix.lower() not in VIDEO_EXTENSIONS:
             raise SourceError(f"{root} is not a video ({', '.join(VIDEO_EXTENSIONS)})")
-        entries = [root]
+        entries = [(root, True)]
     else:
         entries = list(_entries(root))
     tracks: list[Track] = []
@@ -74,11 +74,17 @@ def discover_video(
     unmasked: list[str] = []
     from pipeline.frames import video_header  # local import: image sources need no OpenCV
 
-    for entry in entries:
-        rel = relative(base, entry)
-        name = safe_name(str(Path(rel).with_suffix("")) if entry.is_file() else rel)
+    owner: dict[str, str] = {}  # clip-name prefix -> the input that has it
+    for entry, is_video in entries:
+        rel = relative(base, entry) if entry != base else entry.name
+        name = safe_name(str(Path(rel).with_suffix("")) if is_video else rel)
+        if owner.setdefault(name, rel) != rel:
+            raise SourceError(
+                f"{owner[name]!r} and {rel!r} under {root} map to the same clip name {name!r}; "
+                "rename one"
+            )
         group = f"video-{name}"
-        if entry.is_file():
+        if is_video:
             opened, n, side = video_header(str(entry))
             if not opened:
                 excluded.append(Excluded(f"{name}-00000000", str(base), (rel,), (-1,),
@@ -173,8 +179,6 @@ def discover_video(
             f"empty dataset: no readable videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders "
             f"under {root}"
         )
-    if len({t.track_id for t in tracks}) != len(tracks):
-        raise SourceError(f"two inputs under {root} map to the same clip name; rename one")
     fp = discovery_fingerprint(str(root), tracks, [f"excluded {sum(map(len, excluded))}"])
     return Discovery(tracks, excluded, fp, str(root), notes)
 

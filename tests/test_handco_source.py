@@ -199,3 +199,40 @@ def test_default_flow_size_comes_from_the_whole_discovery(tmp_path):
     assert sorted(t.side for t in disc.tracks) == [44, SIZE]
     assert default_flow_size(disc.tracks) == 40
     assert default_flow_size(list(reversed(disc.tracks))) == 40
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"a": 1}])
+def test_meta_values_of_the_wrong_type_are_one_line(tmp_path, value):
+    _write_handco(tmp_path, {0: 4})
+    meta = _meta(tmp_path)
+    meta["subject_id"][0] = [value] * 4
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SourceError, match=r"meta.json: subject_id\[0\] values must be numbers"):
+        discover_handco(tmp_path)
+
+
+def test_odd_folder_names_are_reported_not_fatal(tmp_path, capsys):
+    _write_handco(tmp_path, {0: 4})
+    (tmp_path / "rgb" / "0000" / "camX").mkdir()
+    (tmp_path / "rgb" / "²").mkdir()  # isdigit() is true, int() refuses it
+    (tmp_path / "rgb" / "notes.txt").write_text("x")
+    disc = discover_handco(tmp_path)
+    assert [t.track_id for t in disc.tracks] == ["0000-cam0-00000000"]
+    assert disc.notes and all(n in disc.notes[0] for n in ("0000/camX", "²", "notes.txt"))
+    (tmp_path / "rgb" / "99999999999").mkdir()
+    with pytest.raises(SourceError, match="99999999999 is too large"):
+        discover_handco(tmp_path)
+
+
+def test_broken_link_named_like_a_frame_is_a_recorded_skip(tmp_path):
+    _write_handco(tmp_path, {0: 4})
+    (tmp_path / "rgb" / "0000" / "cam0" / "00000004.jpg").symlink_to(tmp_path / "gone.jpg")
+    meta = _meta(tmp_path)
+    for k in meta:
+        meta[k][0].append(meta[k][0][0])
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    disc = discover_handco(tmp_path)
+    assert [t.ids for t in disc.tracks] == [(0, 1, 2, 3, 4)]
+    from pipeline import frames as fr
+
+    assert fr.read_image(disc.tracks[0].frame_path(4)) == (None, "missing_image")

@@ -89,6 +89,8 @@ def test_restored_masks_are_used_on_the_next_run(synth_root, tmp_path):
         (["--cameras", "1-"], "--cameras: '1-' in '1-' is not a number or a range"),
         (["--sequences", "3-1"], "--sequences: range '3-1' ends before it starts"),
         (["--size", "30"], "--size must be a positive multiple of 8"),
+        (["--size", "100000"], "--size must be at most 2048"),
+        (["--keep-flow", "100000"], "--keep-flow must be at most 1024"),
         (["--flow-actors", "0"], "--flow-actors must be an integer >= 1"),
     ],
 )
