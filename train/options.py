@@ -1,0 +1,237 @@
+"""The trainer's options: one dataclass, its command line, and the values resolved from a build."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from train.objectives import METHODS
+
+WINDOW_METHODS = ("seq", "adjacent", "flow", "divergence")
+# the paper's settings: baselines 256 frames for 500 epochs, window methods 128 windows for 300
+PAPER_BATCH = {"windows": 128, "frames": 256}
+PAPER_EPOCHS = {"windows": 300, "frames": 500}
+
+
+@dataclass
+class TrainConfig:
+    shards: str = "shards"
+    method: str = "flow"
+    out: str = "runs/flow"
+    preset: str = "tiny"
+    batch: int | None = None  # global: windows (window methods) or frames (iid, dispersive)
+    grad_accum: int = 1
+    lam: float = 1.0
+    sigma: float | None = None
+    delta: int = 5
+    sigma_div: float | None = None
+    disp_weight: float = 0.5
+    disp_block: str = "mid"
+    seed: int = 0
+    epochs: int | None = None
+    max_steps: int | None = None
+    lr: float = 1e-4
+    warmup: int = 0
+    clip: float = 1.0
+    ema: float = 0.9995
+    ckpt_every: int = 1000
+    keep: int = 3
+    val_every: int = 500
+    val_size: int = 256
+    diag_every: int = 1000
+    probe_size: int = 16
+    image_size: int | None = None
+    workers: int | None = None
+    shard_url: str | None = None
+    resume: bool = True
+    compile: bool = False
+    max_bad_fraction: float = 0.01
+    max_bad_steps: int = 10
+    progress: bool = True
+    device: str | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description=(
+            "Train an image diffusion model on a build's windows (DDPM, epsilon prediction). "
+            "One process: python -m train ...; several GPUs or nodes: torchrun ... -m train "
+            "... (rank and world from the environment; NCCL on CUDA, gloo on CPU). An epoch is "
+            "one pass over the build's train windows: steps per epoch = windows // global "
+            "batch, for every method (iid takes each window's centre frame, so each frame is "
+            "seen about once per epoch); the windows left over differ from epoch to epoch."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    methods = "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+    run = p.add_argument_group("run")
+    run.add_argument("--shards", default=d.shards, help="the build (folder with dataset.json)")
+    run.add_argument("--method", default=d.method, help=f"objective. {methods}")
+    run.add_argument("--out", default=d.out, help="run folder: config, metrics, checkpoints")
+    run.add_argument(
+        "--preset",
+        default=d.preset,
+        help="UNet size: tiny (CPU tests), small, base (paper scale, 128 px on a GPU)",
+    )
+    run.add_argument("--seed", type=int, default=d.seed, help="same seed, same run (on CPU)")
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=d.resume,
+        help="continue from the newest checkpoint in --out; --no-resume deletes the "
+        "checkpoints and metrics in --out and starts over",
+    )
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument(
+        "--batch",
+        type=int,
+        help="global batch over all ranks: windows for window methods (default 128) and frames "
+        "for iid and dispersive (default 256), the paper's. The step-matched control is iid "
+        "with K x the window batch",
+    )
+    opt.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    opt.add_argument(
+        "--epochs",
+        type=int,
+        help="default: the paper's, 300 for window methods and 500 for iid and dispersive",
+    )
+    opt.add_argument("--max-steps", type=int, help="stop after this many steps (caps --epochs)")
+    opt.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (the paper's)")
+    opt.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warmup steps")
+    opt.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip (0: off)")
+    opt.add_argument("--ema", type=float, default=d.ema, help="EMA decay (the paper's)")
+    opt.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (CUDA; slow to start)"
+    )
+    obj = p.add_argument_group("objective")
+    obj.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=d.lam,
+        help="weight of the temporal regulariser (adjacent, flow, divergence)",
+    )
+    obj.add_argument(
+        "--sigma",
+        type=float,
+        help="flow: recompute w = exp(-flow_msq / sigma) with this sigma (default: the "
+        "manifest's, the median train flow_msq)",
+    )
+    obj.add_argument("--delta", type=int, default=d.delta, help="divergence: finite step Delta")
+    obj.add_argument(
+        "--sigma-div",
+        type=float,
+        help="divergence: w = exp(-|Ddot| / sigma_div) (default: the median |Ddot| of the probe "
+        "windows at random t, so a typical pair gets w = 0.37, like the flow sigma rule)",
+    )
+    obj.add_argument(
+        "--disp-weight", type=float, default=d.disp_weight, help="dispersive: loss weight"
+    )
+    obj.add_argument(
+        "--disp-block", default=d.disp_block, help="dispersive: UNet block (down0.., mid, up0..)"
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--image-size",
+        type=int,
+        help="train at this side, area-downsampled on load (default: the build's)",
+    )
+    data.add_argument(
+        "--workers",
+        type=int,
+        help="loader worker processes (default 4 on CUDA, 1 on CPU; 0 loads in the training "
+        "process). Exact resume needs the same value",
+    )
+    data.add_argument(
+        "--shard-url",
+        help="read shards from here instead of the build folder: a prefix, or a webdataset "
+        "URL with {path} (e.g. 'pipe:curl -s https://host/build/{path}')",
+    )
+    data.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=d.max_bad_fraction,
+        help="stop when more than this fraction of an epoch's windows failed to decode",
+    )
+    log = p.add_argument_group("checkpoints and logging")
+    log.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps per checkpoint")
+    log.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept, plus the best")
+    log.add_argument(
+        "--val-every",
+        type=int,
+        default=d.val_every,
+        help="steps per validation loss on a fixed val set with fixed t and eps (0: off)",
+    )
+    log.add_argument("--val-size", type=int, default=d.val_size, help="frames in the fixed val set")
+    log.add_argument(
+        "--diag-every",
+        type=int,
+        default=d.diag_every,
+        help="steps per gradient-variance estimate (per-sample gradients, torch.func; 0: off)",
+    )
+    log.add_argument(
+        "--probe-size", type=int, default=d.probe_size, help="windows in the fixed probe batch"
+    )
+    log.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=d.max_bad_steps,
+        help="stop after this many NaN/inf losses in a row (each is skipped)",
+    )
+    log.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    log.add_argument("--device", help="cuda | cpu (default: cuda when available)")
+    return p
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    args = parser().parse_args(argv)
+    return TrainConfig(**vars(args))
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the method-dependent defaults (batch, epochs) in a copy of `cfg`."""
+    kind = "windows" if cfg.method in WINDOW_METHODS else "frames"
+    return dataclasses.replace(
+        cfg,
+        batch=cfg.batch if cfg.batch is not None else PAPER_BATCH[kind],
+        epochs=cfg.epochs if cfg.epochs is not None else PAPER_EPOCHS[kind],
+    )
+
+
+def check(cfg: TrainConfig) -> None:
+    """Raise ValueError (one line) for values out of range."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    positive = {
+        "batch": cfg.batch,
+        "grad_accum": cfg.grad_accum,
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "ckpt_every": cfg.ckpt_every,
+        "keep": cfg.keep,
+        "val_size": cfg.val_size,
+        "probe_size": cfg.probe_size,
+        "max_bad_steps": cfg.max_bad_steps,
+    }
+    for name in ("max_steps", "image_size", "sigma", "sigma_div", "delta"):
+        if getattr(cfg, name) is not None:
+            positive[name] = getattr(cfg, name)
+    for name, value in positive.items():
+        if value is None or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("lam", "warmup", "clip", "val_every", "diag_every", "disp_weight", "seed"):
+        if getattr(cfg, name) < 0:
+            flag = "lambda" if name == "lam" else name.replace("_", "-")
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema < 1:
+        raise ValueError(f"--ema must be in [0, 1), got {cfg.ema}")
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
