@@ -1,18 +1,20 @@
 """Shards -> batches: a streaming loader over one split of a build, exactly resumable.
 
-An *epoch* is one pass over the split's windows. Its order is fixed by ``(seed, epoch)``: the
-shards are permuted, giving one virtual sequence of all windows, and every rank takes a
-contiguous range of ``steps_per_epoch * batch`` windows of it (the tail that does not fill a
-global batch is left for that epoch only; the next epoch's permutation differs). A rank's range
-is split among *slots*: global batch ``g = epoch * steps_per_epoch + step`` is made by slot
-``g % slots``, from that slot's own range. Within a slot, each shard's part (a *segment*) is
-read once and shuffled with ``(seed, epoch, shard, start)``.
+An *epoch* is one pass over the split's windows: ``steps_per_epoch = windows // batch`` global
+batches. Its order is fixed by ``(seed, epoch)``: the shards are permuted into one virtual
+sequence of windows, and the first ``steps_per_epoch * batch`` of them are cut into ``lanes``
+contiguous ranges (the tail that does not fill a global batch sits out that epoch only; the next
+permutation differs). Lane ``j`` supplies part ``j`` (``batch / lanes`` windows) of every global
+batch. Within a lane, each shard's part (a *segment*) is read once and shuffled with
+``(seed, epoch, shard, start)``.
 
-So a batch's content depends only on the seed, the epoch, the step, the world size and the
-number of slots (``--workers``), never on where a run was resumed: resuming at global batch
-``g0`` gives each slot its first segment to read again (at most one shard per loader worker)
-and skips the rest without reading. Every rank yields exactly ``steps_per_epoch`` batches per
-epoch, whatever the shard sizes, so DDP never waits on a rank that ran out.
+There are ``lanes = world size x loader workers`` lanes: rank ``r`` owns lanes
+``r * workers ...``, one per DataLoader worker, so every worker reads its own shards and every
+rank makes exactly ``steps_per_epoch`` batches per epoch whatever the shard sizes (DDP never
+waits on a rank that ran out). A global batch depends only on the seed, the epoch, the step and
+the number of lanes: one process with 2 workers sees the same global batches as 2 ranks with 1
+worker each. Resuming at global batch ``g0`` reads at most one shard per lane (the segment it
+stopped in) before the first new batch and skips the rest without reading.
 
 A window that fails to decode is counted as bad and replaced by a neighbour of its segment (the
 batch keeps its size, and the replacement is the same on a resume); the loop stops the run when
@@ -21,7 +23,6 @@ bad windows pass ``--max-bad-fraction``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Stream:
-    """What one rank streams: the split's shards, the frames to decode, batch and placement."""
+    """What one rank streams: the split's shards, the frames to decode, batch and lanes."""
 
     urls: tuple[str, ...]  # shard URLs of the split, in manifest order
     names: tuple[str, ...]  # the shards' paths relative to the build, for messages
@@ -49,11 +50,24 @@ class Stream:
     frames: tuple[int, ...]  # frame members decoded per window, e.g. (1,) or (0, 1, 2)
     source_size: int  # the build's image_size
     image_size: int  # side of the frames handed out (area-downsampled when smaller)
-    batch: int  # windows per rank per step
+    batch: int  # global batch, windows per step over all ranks
     seed: int
     rank: int = 0
     world: int = 1
-    slots: int = 1  # loader workers (1 when loading in the training process)
+    workers: int = 0  # loader workers of this rank (0: load in the training process)
+
+    @property
+    def lanes(self) -> int:
+        return self.world * max(1, self.workers)
+
+    @property
+    def lane_batch(self) -> int:
+        return self.batch // self.lanes
+
+    @property
+    def rank_lanes(self) -> range:
+        per = max(1, self.workers)
+        return range(self.rank * per, (self.rank + 1) * per)
 
     @property
     def total(self) -> int:
@@ -61,7 +75,7 @@ class Stream:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.total // (self.batch * self.world)
+        return self.total // self.batch
 
 
 @dataclass(frozen=True)
@@ -80,11 +94,12 @@ def stream_for(
     seed: int,
     rank: int = 0,
     world: int = 1,
-    slots: int = 1,
+    workers: int = 0,
     url_template: str | None = None,
 ) -> Stream:
-    """The Stream of `split` of `build`; `url_template` maps a shard path to a URL.
+    """The Stream of `split` of `build` for one rank; `batch` is the global batch.
 
+    `url_template` maps a shard path to a URL.
     ``url_template`` holds ``{path}`` (``pipe:curl -s https://host/build/{path}``) or is a
     prefix (``/mnt/other/build``); by default the shards are read from the build folder.
     """
@@ -110,12 +125,17 @@ def stream_for(
         seed=seed,
         rank=rank,
         world=world,
-        slots=max(1, slots),
+        workers=workers,
     )
+    if batch % stream.lanes:
+        raise DataError(
+            f"the global batch {batch} must divide into {stream.lanes} lanes (ranks x loader "
+            "workers): change --batch or --workers"
+        )
     if stream.steps_per_epoch == 0:
         raise DataError(
             f"split {split!r} has {stream.total} windows, fewer than one global batch of "
-            f"{batch * world}: lower --batch"
+            f"{batch}: lower --batch"
         )
     return stream
 
@@ -125,26 +145,17 @@ def shard_order(stream: Stream, epoch: int) -> np.ndarray:
     return np.random.default_rng([stream.seed, epoch, 0x5EED]).permutation(len(stream.urls))
 
 
-def slot_steps(stream: Stream, epoch: int, slot: int) -> list[int]:
-    """Steps of `epoch` whose batch `slot` makes."""
-    S = stream.steps_per_epoch
-    first = (slot - epoch * S) % stream.slots
-    return list(range(first, S, stream.slots))
-
-
-def slot_segments(stream: Stream, epoch: int, slot: int) -> list[Segment]:
-    """The shard parts that make `slot`'s windows in `epoch`, in reading order."""
-    b, S = stream.batch, stream.steps_per_epoch
-    start = stream.rank * S * b
-    start += b * sum(len(slot_steps(stream, epoch, a)) for a in range(slot))
-    stop = start + b * len(slot_steps(stream, epoch, slot))
+def lane_segments(stream: Stream, epoch: int, lane: int) -> list[Segment]:
+    """The shard parts that make `lane`'s windows in `epoch`, in reading order."""
+    n = stream.steps_per_epoch * stream.lane_batch
+    start, stop = lane * n, (lane + 1) * n
     segments, offset = [], 0
     for shard in shard_order(stream, epoch):
-        n = stream.counts[shard]
-        lo, hi = max(start, offset), min(stop, offset + n)
+        count = stream.counts[shard]
+        lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
             segments.append(Segment(int(shard), lo - offset, hi - offset))
-        offset += n
+        offset += count
         if offset >= stop:
             break
     return segments
@@ -253,49 +264,38 @@ def _segment_windows(
             raise DataError(f"{name}: no decodable window in positions {seg.lo}..{seg.hi - 1}{why}")
 
 
-def slot_batches(stream: Stream, slot: int, start: int) -> Iterator[dict]:
-    """Batches made by `slot`, from global batch `start` on, epoch after epoch (endless).
+def lane_batches(stream: Stream, lane: int, start: int) -> Iterator[dict]:
+    """`lane`'s part of every global batch from `start` on, epoch after epoch (endless).
 
-    Each batch: ``g`` (global batch number), ``epoch``, ``step``, ``frames`` uint8
-    ``(batch, k, 3, H, W)``, ``flow_msq`` float64 ``(batch, k-1)``, ``keys``, ``bad`` (windows
-    replaced in this batch) and ``bad_shards`` (their shards).
+    Each part: ``g`` (global batch number), ``epoch``, ``step``, ``lane``, ``frames`` uint8
+    ``(lane_batch, k, 3, H, W)``, ``flow_msq`` float64 ``(lane_batch, k-1)``, ``keys``,
+    ``bad`` (windows replaced) and ``bad_shards`` (their shards).
     """
-    S, b = stream.steps_per_epoch, stream.batch
-    epoch = start // S
+    S, b = stream.steps_per_epoch, stream.lane_batch
+    epoch, first = divmod(start, S)
     while True:
-        steps = slot_steps(stream, epoch, slot)
-        done = sum(1 for s in steps if epoch * S + s < start)
-        yield from _epoch_batches(stream, epoch, slot, steps[done:], skip=done * b)
-        epoch += 1
+        windows = _lane_windows(stream, epoch, lane, skip=first * b)
+        for step in range(first, S):
+            chunk = [next(windows) for _ in range(b)]
+            yield {
+                "g": epoch * S + step,
+                "epoch": epoch,
+                "step": step,
+                "lane": lane,
+                "frames": torch.from_numpy(np.stack([w.frames for w, _, _ in chunk])),
+                "flow_msq": torch.from_numpy(np.stack([w.msq for w, _, _ in chunk])),
+                "keys": [w.key for w, _, _ in chunk],
+                "bad": sum(1 for _, bad, _ in chunk if bad),
+                "bad_shards": sorted({name for _, bad, name in chunk if bad}),
+            }
+        epoch, first = epoch + 1, 0
 
 
-def _epoch_batches(
-    stream: Stream, epoch: int, slot: int, steps: list[int], skip: int
-) -> Iterator[dict]:
-    if not steps:
-        return
-    S, b = stream.steps_per_epoch, stream.batch
-    windows = _slot_windows(stream, epoch, slot, skip)
-    for step in steps:
-        chunk = [next(windows) for _ in range(b)]
-        bad_shards = sorted({name for (_, bad, name) in chunk if bad})
-        yield {
-            "g": epoch * S + step,
-            "epoch": epoch,
-            "step": step,
-            "frames": torch.from_numpy(np.stack([w.frames for w, _, _ in chunk])),
-            "flow_msq": torch.from_numpy(np.stack([w.msq for w, _, _ in chunk])),
-            "keys": [w.key for w, _, _ in chunk],
-            "bad": sum(1 for _, bad, _ in chunk if bad),
-            "bad_shards": bad_shards,
-        }
-
-
-def _slot_windows(
-    stream: Stream, epoch: int, slot: int, skip: int
+def _lane_windows(
+    stream: Stream, epoch: int, lane: int, skip: int
 ) -> Iterator[tuple[_Decoded, bool, str]]:
-    """The slot's windows of `epoch` in order, after skipping `skip` without reading them."""
-    for seg in slot_segments(stream, epoch, slot):
+    """The lane's windows of `epoch` in order, after skipping `skip` without reading them."""
+    for seg in lane_segments(stream, epoch, lane):
         n = seg.hi - seg.lo
         if skip >= n:
             skip -= n
@@ -306,11 +306,11 @@ def _slot_windows(
         skip = 0
 
 
-class ShardBatches(torch.utils.data.IterableDataset):
-    """The rank's batches from global batch `start` on, for a DataLoader with batch_size=None.
+class LaneParts(torch.utils.data.IterableDataset):
+    """A rank's lane parts from global batch `start` on, for a DataLoader (batch_size=None).
 
-    DataLoader worker ``w`` serves slot ``(start + w) % slots``, so the loader's round-robin
-    over workers yields global batches ``start, start + 1, ...`` in order.
+    DataLoader worker ``w`` serves the rank's lane ``w``; the loader's round-robin over its
+    workers hands out the parts of batch ``start``, then of ``start + 1``, and so on.
     """
 
     def __init__(self, stream: Stream, start: int) -> None:
@@ -318,47 +318,69 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
-        if info is not None:
-            torch.set_num_threads(1)
-            cv2.setNumThreads(1)
-        slot = (self.start + worker) % self.stream.slots
-        first = self.start + (slot - self.start) % self.stream.slots
+        lanes = self.stream.rank_lanes
         try:
-            yield from slot_batches(self.stream, slot, first)
+            if info is None:
+                parts = [lane_batches(self.stream, lane, self.start) for lane in lanes]
+                while True:
+                    yield from (next(p) for p in parts)
+            else:
+                torch.set_num_threads(1)
+                cv2.setNumThreads(1)
+                yield from lane_batches(self.stream, lanes[info.id], self.start)
         except (DataError, SpecError) as exc:  # handed to the training process as one line
             yield {"error": str(exc)}
 
 
-def batches(stream: Stream, start: int, workers: int, pin_memory: bool = False) -> Iterator[dict]:
-    """Global batches ``start, start + 1, ...`` of the rank, endless; DataError on failure.
+def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[dict]:
+    """The rank's share of global batches ``start, start + 1, ...``, endless.
 
-    ``workers`` must equal ``stream.slots`` (0 loads in this process, with one slot).
+    Each batch holds the rank's lanes' parts, concatenated in lane order (see `lane_batches`
+    for the fields). Raises DataError when the data cannot be read.
     """
-    if max(1, workers) != stream.slots:
-        raise ValueError(f"workers={workers} but the stream has {stream.slots} slots")
-    dataset = ShardBatches(stream, start)
-    if workers == 0:
+    dataset = LaneParts(stream, start)
+    if stream.workers == 0:
         source: Iterator[dict] = iter(dataset)
     else:
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
-            num_workers=workers,
+            num_workers=stream.workers,
             pin_memory=pin_memory,
             persistent_workers=True,
             prefetch_factor=4 if pin_memory else 2,
-            multiprocessing_context="spawn" if pin_memory else None,
         )
         source = iter(loader)
-    expected = start
-    for item in source:
-        if "error" in item:
-            raise DataError(item["error"])
-        if item["g"] != expected:  # the loader's worker order is part of the contract
-            raise RuntimeError(f"loader order broken: batch {item['g']}, expected {expected}")
-        expected += 1
-        yield item
+    lanes = list(stream.rank_lanes)
+    g = start
+    while True:
+        parts = [next(source) for _ in lanes]
+        for part, lane in zip(parts, lanes, strict=True):
+            if "error" in part:
+                raise DataError(part["error"])
+            if (part["g"], part["lane"]) != (g, lane):  # the loader's order is the contract
+                raise RuntimeError(
+                    f"loader order broken: got batch {part['g']} lane "
+                    f"{part['lane']}, expected {g} lane {lane}"
+                )
+        yield _concat(parts)
+        g += 1
+
+
+def _concat(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return {
+        "g": first["g"],
+        "epoch": first["epoch"],
+        "step": first["step"],
+        "frames": torch.cat([p["frames"] for p in parts]),
+        "flow_msq": torch.cat([p["flow_msq"] for p in parts]),
+        "keys": [k for p in parts for k in p["keys"]],
+        "bad": sum(p["bad"] for p in parts),
+        "bad_shards": sorted({n for p in parts for n in p["bad_shards"]}),
+    }
 
 
 def fixed_windows(
@@ -393,8 +415,3 @@ def fixed_windows(
     if not keys:
         raise DataError(f"split {split!r} of {build.path} has no decodable window")
     return torch.from_numpy(np.stack(got_frames)), torch.from_numpy(np.stack(got_msq)), keys
-
-
-def with_slots(stream: Stream, slots: int) -> Stream:
-    """The same stream with another number of slots."""
-    return dataclasses.replace(stream, slots=max(1, slots))

@@ -1,4 +1,9 @@
-"""The training loop: config, setup, loop, checkpoint (in the style of nanoGPT's train.py)."""
+"""The training loop: setup, loop, evaluate and checkpoint (in the style of nanoGPT's train.py).
+
+Everything the loop needs is prepared in `train.setup`; objectives, loader, model and schedule
+live in their own modules. Noise and dropout are seeded from ``(seed, rank, step)``, so a run
+resumed from a checkpoint takes exactly the steps of an uninterrupted one.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import contextlib
 import copy
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -13,12 +19,36 @@ from tqdm import tqdm
 
 from train import checkpoint, data, diagnostics, distributed
 from train.metrics import MetricsLog
-from train.objectives import draw_noise
+from train.objectives import Noise, draw_noise
 from train.setup import Run, prepare
 
 
 class TrainingError(RuntimeError):
     """The run stopped for a reason the user must see (one-line message)."""
+
+
+@dataclass
+class Parts:
+    model: torch.nn.Module  # the module itself (checkpoints, EMA, diagnostics)
+    ddp: torch.nn.Module  # DDP-wrapped under torchrun, else the model
+    net: torch.nn.Module  # what the objectives call (compiled with --compile)
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    init: list[torch.Tensor]  # initial parameters, for the distance travelled
+    log: MetricsLog
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    images: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss
+    bad_in_row: int = 0
+    epoch: int = 0
+    epoch_bad: int = 0  # windows replaced this epoch (all ranks)
+    epoch_shards: set = field(default_factory=set)
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0})
+    t_run: float = 0.0  # perf_counter at wall_s = 0 (earlier runs' time included)
 
 
 def run(cfg) -> None:
@@ -31,196 +61,124 @@ def run(cfg) -> None:
 
 
 def _train(r: Run) -> None:
-    cfg, world, dev = r.cfg, r.world, r.world.device
-    model = r.model
-    ddp = (
-        DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        if world.distributed
-        else model
-    )
-    net = torch.compile(ddp) if cfg.compile else ddp
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    init = [p.detach().clone() for p in model.parameters()]  # the seed's init, for travel
-    start, wall0, images0, skipped = 0, 0.0, 0, 0
+    p, c = _parts(r), _counters(r)
     if r.state is not None:
-        model.load_state_dict(r.state["model"])
-        ema.load_state_dict(r.state["ema"])
-        opt.load_state_dict(r.state["optimizer"])
-        start, wall0 = int(r.state["step"]), float(r.state["wall_s"])
-        images0, skipped = int(r.state["images"]), int(r.state["skipped_steps"])
-    log = MetricsLog(r.out, world.main)
-    if r.state is not None:
-        log.write({"kind": "resume", "step": start, "wall_s": wall0})
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    k = len(r.frames)
-    per_step_images = cfg.batch * k
-    stream = r.stream
-    S = stream.steps_per_epoch
-    batches = data.batches(stream, start, r.workers, pin_memory=dev.type == "cuda")
+        p.log.write({"kind": "resume", "step": c.step, "wall_s": float(r.state["wall_s"])})
+    batches = data.batches(r.stream, c.step, pin_memory=r.world.device.type == "cuda")
     bar = tqdm(
         total=r.total_steps,
-        initial=start,
-        disable=not (world.main and cfg.progress),
-        desc=f"{cfg.method}",
+        initial=c.step,
+        desc=r.cfg.method,
         unit="step",
+        disable=not (r.world.main and r.cfg.progress),
         dynamic_ncols=True,
     )
-    t_run = time.perf_counter() - wall0
-    bad_in_row, epoch_bad, epoch_bad_shards = 0, 0, set()
-    epoch_sum = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0}
-    epoch = start // S
-    images = images0
-    for step in range(start, r.total_steps):
+    for step in range(c.step, r.total_steps):
         t0 = time.perf_counter()
         batch = next(batches)
-        t1 = time.perf_counter()
-        if batch["epoch"] != epoch:
-            _epoch_summary(world, epoch, epoch_sum, epoch_bad)
-            epoch, epoch_bad, epoch_bad_shards = batch["epoch"], 0, set()
-            epoch_sum = dict.fromkeys(epoch_sum, 0.0)
-        x0 = diagnostics.to_unit(batch["frames"], dev)
-        msq = batch["flow_msq"].to(dev, non_blocking=True)
-        torch.manual_seed(_step_seed(cfg.seed, world.rank, step))  # dropout: a function of step
-        gen = torch.Generator(dev).manual_seed(_step_seed(cfg.seed, world.rank, step) + 1)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        diag = world.main and cfg.diag_every and (step + 1) % cfg.diag_every == 0
-        local_check = world.distributed and cfg.diag_every and (step + 1) % cfg.diag_every == 0
-        terms = _forward_backward(r, net, ddp, x0, msq, gen, autocast, local_check)
-        ddp_dev = _ddp_deviation(world, model) if local_check else None
-        epoch_bad_shards.update(batch["bad_shards"])
-        sums = distributed.all_sum(
-            world,
-            torch.tensor(
-                [terms.pop("loss"), float(batch["bad"]), *terms.values()],
-                dtype=torch.float64,
-                device=dev,
-            ),
+        wait = time.perf_counter() - t0
+        if batch["epoch"] != c.epoch:
+            _epoch_summary(r, c)
+            c.epoch, c.epoch_bad, c.epoch_shards = batch["epoch"], 0, set()
+            c.sums = dict.fromkeys(c.sums, 0.0)
+        record = _step(r, p, c, batch, step)
+        dt = time.perf_counter() - t0
+        c.step, c.images = step + 1, c.images + r.cfg.batch * len(r.frames)
+        record.update(
+            images=c.images,
+            windows=c.step * r.cfg.batch,
+            images_per_s=r.cfg.batch * len(r.frames) / dt,
+            windows_per_s=r.cfg.batch / dt,
+            data_wait=wait / dt,
+            wall_s=time.perf_counter() - c.t_run,
+            skipped_steps=c.skipped,
+            bad_windows=c.epoch_bad,
         )
-        loss = float(sums[0]) / world.size
-        epoch_bad += int(sums[1])
-        terms = {
-            name: float(v) / world.size for name, v in zip(terms, sums[2:].tolist(), strict=True)
-        }
-        _check_bad_windows(cfg, world, stream, epoch_bad, epoch_bad_shards)
-        grad_norm = float("nan")
-        if _finite(loss):
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
-            )
-        if _finite(loss) and _finite(grad_norm):
-            opt.step()
-            _ema_update(ema, model, cfg.ema)
-            bad_in_row = 0
-        else:
-            skipped += 1
-            bad_in_row += 1
-            if bad_in_row >= cfg.max_bad_steps:
-                last = checkpoint.steps_saved(r.out)
-                kept = (
-                    f"the last checkpoint (step {last[-1]}) is intact"
-                    if last
-                    else "no checkpoint yet"
-                )
-                raise TrainingError(
-                    f"{bad_in_row} steps in a row had a non-finite loss or gradient at step "
-                    f"{step + 1}; stopping ({kept}). Lower --lr or raise --clip"
-                )
-        opt.zero_grad(set_to_none=True)
-        images += per_step_images
-        t2 = time.perf_counter()
-        dt = t2 - t0
-        epoch_sum["loss"] += loss if _finite(loss) else 0.0
-        epoch_sum["steps"] += 1
-        epoch_sum["wait"] += t1 - t0
-        epoch_sum["time"] += dt
-        record = {
-            "step": step + 1,
-            "epoch": epoch,
-            "loss": loss,
-            **terms,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "param_dist": diagnostics.parameter_distance(model, init),
-            "images": images,
-            "windows": (step + 1) * cfg.batch,
-            "images_per_s": per_step_images / dt,
-            "windows_per_s": cfg.batch / dt,
-            "data_wait": (t1 - t0) / dt,
-            "wall_s": t2 - t_run,
-            "skipped_steps": skipped,
-            "bad_windows": epoch_bad,
-        }
-        log.write(record)
+        p.log.write(record)
+        loss = record["loss"] if _finite(record["loss"]) else 0.0
+        for key, value in (("loss", loss), ("steps", 1), ("wait", wait), ("time", dt)):
+            c.sums[key] += value
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", wait=f"{record['data_wait']:.0%}", refresh=False)
-        done = step + 1 == r.total_steps
-        if world.main and ddp_dev is not None:
-            log.write({"kind": "diag_ddp", "step": step + 1, "ddp_grad_dev": ddp_dev})
-        if diag:
-            stats = diagnostics.gradient_variance(model, r.sched, r.method, r.opts, r.probe)
-            log.write(
-                {
-                    "kind": "diag",
-                    "step": step + 1,
-                    "epoch": epoch,
-                    "images": images,
-                    "wall_s": time.perf_counter() - t_run,
-                    "probe_size": len(r.probe),
-                    **stats,
-                }
-            )
-        state = lambda: _state(r, model, ema, opt, step + 1, epoch, images, skipped, t_run)  # noqa: E731, B023
-        saved = False
-        if world.main and r.val is not None and (done or (step + 1) % cfg.val_every == 0):
-            val = diagnostics.validation_loss(model, r.sched, r.val)
-            val_ema = diagnostics.validation_loss(ema, r.sched, r.val)
-            log.write(
-                {
-                    "kind": "val",
-                    "step": step + 1,
-                    "epoch": epoch,
-                    "images": images,
-                    "wall_s": time.perf_counter() - t_run,
-                    "val_loss": val,
-                    "val_loss_ema": val_ema,
-                    "val_size": len(r.val),
-                }
-            )
-            best = checkpoint.best_step(r.out)
-            if best is None or val_ema < r.best_val:
-                checkpoint.save(r.out, step + 1, state(), cfg.keep)
-                checkpoint.mark_best(r.out, step + 1, val_ema)
-                r.best_val, saved = val_ema, True
-        if world.main and not saved and (done or (step + 1) % cfg.ckpt_every == 0):
-            checkpoint.save(r.out, step + 1, state(), cfg.keep)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", wait=f"{wait / dt:.0%}", refresh=False)
+        _evaluate_and_save(r, p, c)
     bar.close()
-    _epoch_summary(world, epoch, epoch_sum, epoch_bad)
-    log.close()
+    _epoch_summary(r, c)
+    p.log.close()
 
 
-def _forward_backward(r: Run, net, ddp, x0, msq, gen, autocast, local_check: bool) -> dict:
-    """Loss terms of one step, accumulated over ``--grad-accum`` micro-batches; grads set."""
-    cfg = r.cfg
-    parts = list(zip(x0.chunk(cfg.grad_accum), msq.chunk(cfg.grad_accum), strict=True))
+def _step(r: Run, p: Parts, c: Counters, batch: dict, step: int) -> dict:
+    """One optimizer step on `batch`; returns its record (losses averaged over ranks)."""
+    cfg, world, dev = r.cfg, r.world, r.world.device
+    x0 = diagnostics.to_unit(batch["frames"], dev)
+    msq = batch["flow_msq"].to(dev, non_blocking=True)
+    torch.manual_seed(_step_seed(cfg.seed, world.rank + 1, step))  # dropout: per rank
+    gen = torch.Generator(dev).manual_seed(_step_seed(cfg.seed, 0, step))  # noise: global
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    for group in p.opt.param_groups:
+        group["lr"] = lr
+    check_ddp = world.distributed and _due(cfg.diag_every, step + 1)
+    terms = _forward_backward(r, p, x0, msq, gen, sync=not check_ddp)
+    ddp_dev = _ddp_deviation(world, p.model) if check_ddp else None
+    names = list(terms)
+    sums = distributed.all_sum(
+        world,
+        torch.tensor([float(batch["bad"]), *terms.values()], dtype=torch.float64, device=dev),
+    )
+    c.epoch_bad += int(sums[0])
+    c.epoch_shards.update(batch["bad_shards"])
+    _check_bad_windows(r, c)
+    terms = {n: float(v) / world.size for n, v in zip(names, sums[1:].tolist(), strict=True)}
+    grad_norm = float("nan")
+    if _finite(terms["loss"]):
+        clip = cfg.clip or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(p.model.parameters(), clip))
+    if _finite(terms["loss"]) and _finite(grad_norm):
+        p.opt.step()
+        _ema_update(p.ema, p.model, cfg.ema)
+        c.bad_in_row = 0
+    else:
+        c.skipped, c.bad_in_row = c.skipped + 1, c.bad_in_row + 1
+        if c.bad_in_row >= cfg.max_bad_steps:
+            saved = checkpoint.steps_saved(r.out)
+            kept = f"the checkpoint of step {saved[-1]} is intact" if saved else "none saved"
+            raise TrainingError(
+                f"{c.bad_in_row} steps in a row had a non-finite loss or gradient (step "
+                f"{step + 1}); stopped ({kept}). Lower --lr or set --clip"
+            )
+    p.opt.zero_grad(set_to_none=True)
+    if ddp_dev is not None:
+        p.log.write({"kind": "diag_ddp", "step": step + 1, "ddp_grad_dev": ddp_dev})
+    return {
+        "step": step + 1,
+        "epoch": c.epoch,
+        **terms,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "param_dist": diagnostics.parameter_distance(p.model, p.init),
+    }
+
+
+def _forward_backward(r: Run, p: Parts, x0, msq, gen, sync: bool) -> dict[str, float]:
+    """Loss terms of one step over ``--grad-accum`` micro-batches; gradients left in .grad.
+
+    With ``sync`` False, DDP does not all-reduce (the caller does it, to compare local and
+    global gradients).
+    """
+    noise = _rank_noise(r, x0.shape, gen)
+    chunks = [c.chunk(r.cfg.grad_accum) for c in (x0, msq, noise.t, noise.eps)]
+    parts = list(zip(*chunks, strict=True))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if x0.device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     sums: dict[str, float] = {}
-    for i, (x, m) in enumerate(parts):
-        noise = draw_noise(tuple(x.shape), r.method.shared_noise, r.sched.T, gen, x.device)
+    for i, (x, m, t, eps) in enumerate(parts):
         last = i == len(parts) - 1
-        sync = (
-            contextlib.nullcontext()
-            if (last and not local_check) or ddp is r.model
-            else ddp.no_sync()
-        )
-        with sync:
+        quiet = p.ddp is not p.model and not (last and sync)
+        with p.ddp.no_sync() if quiet else contextlib.nullcontext():
             with autocast:
-                per_window, terms = r.method.objective(net, r.sched, x, m, noise, r.opts)
+                per_window, terms = r.method.objective(p.net, r.sched, x, m, Noise(t, eps), r.opts)
             loss = per_window.float().mean()
             (loss / len(parts)).backward()
         for name, value in {"loss": loss, **terms}.items():
@@ -228,35 +186,147 @@ def _forward_backward(r: Run, net, ddp, x0, msq, gen, autocast, local_check: boo
     return sums
 
 
-def _ddp_deviation(world, model) -> float:
-    """||g_local - g_mean||^2 averaged over ranks; leaves the all-reduced mean in .grad."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    local = [g.clone() for g in grads]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world.size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-    dev = sum(float((a - b).double().pow(2).sum()) for a, b in zip(local, grads, strict=True))
-    return (
-        float(
-            distributed.all_sum(world, torch.tensor([dev], dtype=torch.float64, device=flat.device))
+def _rank_noise(r: Run, shape, gen) -> Noise:
+    """This rank's slice of the global batch's noise: the same draws under any world size."""
+    b = shape[0]
+    full = draw_noise(
+        (b * r.world.size, *shape[1:]), r.method.shared_noise, r.sched.T, gen, gen.device
+    )
+    part = slice(r.world.rank * b, (r.world.rank + 1) * b)
+    return Noise(full.t[part], full.eps[part])
+
+
+def _evaluate_and_save(r: Run, p: Parts, c: Counters) -> None:
+    """Rank 0: gradient variance, validation loss (a new best is saved) and checkpoints."""
+    cfg, step = r.cfg, c.step
+    if not r.world.main:
+        return
+    done = step == r.total_steps
+    where = {"step": step, "epoch": c.epoch, "images": c.images}
+    if _due(cfg.diag_every, step) and r.probe is not None:
+        stats = diagnostics.gradient_variance(p.model, r.sched, r.method, r.opts, r.probe)
+        p.log.write(
+            {
+                "kind": "diag",
+                **where,
+                "wall_s": time.perf_counter() - c.t_run,
+                "probe_size": len(r.probe),
+                **stats,
+            }
         )
-        / world.size
+    saved = False
+    if r.val is not None and (done or _due(cfg.val_every, step)):
+        val = diagnostics.validation_loss(p.model, r.sched, r.val)
+        val_ema = diagnostics.validation_loss(p.ema, r.sched, r.val)
+        p.log.write(
+            {
+                "kind": "val",
+                **where,
+                "wall_s": time.perf_counter() - c.t_run,
+                "val_loss": val,
+                "val_loss_ema": val_ema,
+                "val_size": len(r.val),
+            }
+        )
+        if val_ema < r.best_val:
+            checkpoint.save(r.out, step, _state(r, p, c), cfg.keep)
+            checkpoint.mark_best(r.out, step, val_ema)
+            r.best_val, saved = val_ema, True
+    if not saved and (done or _due(cfg.ckpt_every, step)):
+        checkpoint.save(r.out, step, _state(r, p, c), cfg.keep)
+
+
+def _parts(r: Run) -> Parts:
+    model, dev = r.model, r.world.device
+    ddp = model
+    if r.world.distributed:
+        ids = [dev.index] if dev.type == "cuda" else None
+        ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+    init = [q.detach().clone() for q in model.parameters()]  # before any checkpoint is loaded
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.cfg.lr, weight_decay=0.0)
+    if r.state is not None:
+        model.load_state_dict(r.state["model"])
+        ema.load_state_dict(r.state["ema"])
+        opt.load_state_dict(r.state["optimizer"])
+    net = torch.compile(ddp) if r.cfg.compile else ddp
+    return Parts(model, ddp, net, ema, opt, init, MetricsLog(r.out, r.world.main))
+
+
+def _counters(r: Run) -> Counters:
+    c = Counters(t_run=time.perf_counter())
+    if r.state is not None:
+        s = r.state
+        c.step, c.images, c.skipped = int(s["step"]), int(s["images"]), int(s["skipped_steps"])
+        c.t_run -= float(s["wall_s"])
+        c.epoch = c.step // r.stream.steps_per_epoch
+    return c
+
+
+def _ddp_deviation(world, model) -> float:
+    """All-reduce the gradients by hand; return ||g_local - g_mean||^2 averaged over ranks."""
+    grads = [q.grad for q in model.parameters() if q.grad is not None]
+    local = torch.cat([g.flatten() for g in grads])
+    mean = local.clone()
+    torch.distributed.all_reduce(mean)
+    mean /= world.size
+    for g, m in zip(grads, mean.split([g.numel() for g in grads]), strict=True):
+        g.copy_(m.view_as(g))
+    dev = (local - mean).double().pow(2).sum().reshape(1)
+    return float(distributed.all_sum(world, dev)) / world.size
+
+
+def _check_bad_windows(r: Run, c: Counters) -> None:
+    per_epoch = r.stream.steps_per_epoch * r.cfg.batch
+    if c.epoch_bad > r.cfg.max_bad_fraction * per_epoch:
+        where = ", ".join(sorted(c.epoch_shards)) or "shards read by other ranks"
+        raise data.DataError(
+            f"{c.epoch_bad} of this epoch's {per_epoch} windows failed to decode, more than "
+            f"--max-bad-fraction {r.cfg.max_bad_fraction} (in {where}); "
+            "check the build with `pipeline validate`"
+        )
+
+
+def _state(r: Run, p: Parts, c: Counters) -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    S = r.stream.steps_per_epoch
+    return {
+        "model": p.model.state_dict(),
+        "ema": p.ema.state_dict(),
+        "optimizer": p.opt.state_dict(),
+        "scaler": {},  # bf16 autocast needs no loss scaler
+        "step": c.step,
+        "epoch": c.epoch,
+        "images": c.images,
+        "skipped_steps": c.skipped,
+        "wall_s": time.perf_counter() - c.t_run,
+        "rng": rng,
+        "loader": {
+            "next_batch": c.step,
+            "epoch": c.step // S,
+            "step_in_epoch": c.step % S,
+            "lanes": r.stream.lanes,
+            "world": r.world.size,
+        },
+        "config": r.resolved,
+    }
+
+
+def _epoch_summary(r: Run, c: Counters) -> None:
+    s = c.sums
+    if not r.world.main or not s["steps"]:
+        return
+    tqdm.write(
+        f"epoch {c.epoch}: {int(s['steps'])} steps, mean loss {s['loss'] / s['steps']:.4f}, "
+        f"data wait {s['wait'] / max(s['time'], 1e-9):.0%}, {c.epoch_bad} bad windows",
+        file=sys.stderr,
     )
 
 
-def _check_bad_windows(cfg, world, stream, epoch_bad: int, shards: set) -> None:
-    allowed = cfg.max_bad_fraction * stream.steps_per_epoch * stream.batch * world.size
-    if epoch_bad > allowed:
-        where = ", ".join(sorted(shards)) or "shards read by other ranks"
-        raise data.DataError(
-            f"{epoch_bad} windows of this epoch failed to decode, more than --max-bad-fraction "
-            f"{cfg.max_bad_fraction} of {stream.steps_per_epoch * stream.batch * world.size} "
-            f"(in {where}): check the build with `pipeline validate`"
-        )
+def _due(every: int, step: int) -> bool:
+    return bool(every) and step % every == 0
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -269,43 +339,8 @@ def _finite(x: float) -> bool:
 
 @torch.no_grad()
 def _ema_update(ema, model, decay: float) -> None:
-    e = list(ema.parameters())
-    torch._foreach_lerp_(e, [p.detach() for p in model.parameters()], 1.0 - decay)
+    torch._foreach_lerp_(
+        list(ema.parameters()), [q.detach() for q in model.parameters()], 1.0 - decay
+    )
     for eb, mb in zip(ema.buffers(), model.buffers(), strict=True):
         eb.copy_(mb)
-
-
-def _state(r: Run, model, ema, opt, step, epoch, images, skipped, t_run) -> dict:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return {
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scaler": {},  # bf16 autocast needs no loss scaler; kept for the checkpoint's shape
-        "step": step,
-        "epoch": epoch,
-        "images": images,
-        "skipped_steps": skipped,
-        "wall_s": time.perf_counter() - t_run,
-        "rng": rng,
-        "loader": {
-            "next_batch": step,
-            "epoch": step // r.stream.steps_per_epoch,
-            "step_in_epoch": step % r.stream.steps_per_epoch,
-            "slots": r.stream.slots,
-            "world": r.world.size,
-        },
-        "config": r.resolved,
-    }
-
-
-def _epoch_summary(world, epoch: int, s: dict, bad: int) -> None:
-    if not world.main or not s["steps"]:
-        return
-    msg = (
-        f"epoch {epoch}: {int(s['steps'])} steps, mean loss {s['loss'] / s['steps']:.4f}, "
-        f"data wait {s['wait'] / max(s['time'], 1e-9):.0%}, {bad} bad windows"
-    )
-    tqdm.write(msg, file=sys.stderr)

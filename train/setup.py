@@ -77,7 +77,7 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
         "train",
         frames,
         image_size,
-        cfg.batch // world.size,
+        cfg.batch,
         cfg.seed,
         world.rank,
         world.size,
