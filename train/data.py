@@ -179,7 +179,10 @@ def decode_window(raw: dict, stream: Stream) -> tuple[np.ndarray, np.ndarray]:
         data = raw.get(frame_member(k))
         if data is None:
             raise DataError(f"{key}: no member {frame_member(k)}")
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        try:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:  # an empty member
+            img = None
         side = stream.source_size
         if img is None or img.shape != (side, side, 3):
             raise DataError(f"{key}.{frame_member(k)}: not a {side}x{side} RGB PNG")
@@ -190,6 +193,8 @@ def decode_window(raw: dict, stream: Stream) -> tuple[np.ndarray, np.ndarray]:
     try:
         meta = json.loads(raw[JSON_MEMBER].decode("utf-8"))
         msq = np.asarray(meta["flow_msq"], np.float64)
+        if msq.ndim != 1:
+            raise ValueError("flow_msq is not a list")
     except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise DataError(f"{key}.json: unusable ({exc})") from exc
     lo, hi = stream.frames[0], stream.frames[-1]
@@ -329,7 +334,7 @@ class LaneParts(torch.utils.data.IterableDataset):
                 cv2.setNumThreads(1)
                 yield from lane_batches(self.stream, lanes[info.id], self.start)
         except (DataError, SpecError) as exc:  # handed to the training process as one line
-            yield {"error": str(exc)}
+            yield {"error": str(exc), "kind": type(exc).__name__}
 
 
 def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[dict]:
@@ -357,7 +362,7 @@ def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[di
         parts = [next(source) for _ in lanes]
         for part, lane in zip(parts, lanes, strict=True):
             if "error" in part:
-                raise DataError(part["error"])
+                raise (SpecError if part["kind"] == "SpecError" else DataError)(part["error"])
             if (part["g"], part["lane"]) != (g, lane):  # the loader's order is the contract
                 raise RuntimeError(
                     f"loader order broken: got batch {part['g']} lane "
@@ -402,9 +407,7 @@ def fixed_windows(
         seed=0,
     )
     got_frames, got_msq, keys = [], [], []
-    for raw in raw_samples(stream.urls):
-        if len(keys) >= n:
-            break
+    for raw in raw_samples(stream.urls) if n > 0 else ():
         try:
             f, m = decode_window(raw, stream)
         except DataError:
@@ -412,6 +415,8 @@ def fixed_windows(
         got_frames.append(f)
         got_msq.append(m)
         keys.append(raw["__key__"])
+        if len(keys) >= n:
+            break
     if not keys:
         raise DataError(f"split {split!r} of {build.path} has no decodable window")
     return torch.from_numpy(np.stack(got_frames)), torch.from_numpy(np.stack(got_msq)), keys

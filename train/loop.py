@@ -11,6 +11,7 @@ import contextlib
 import copy
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ from train import checkpoint, data, diagnostics, distributed
 from train.metrics import MetricsLog
 from train.objectives import Noise, draw_noise
 from train.setup import Run, prepare
+
+# DDP on CPU: a 1x1 conv's gradient has equivalent but differently written strides (harmless)
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 class TrainingError(RuntimeError):
