@@ -100,8 +100,8 @@ def _windows(batch: int = 8, k: int = 3, size: int = SIZE, seed: int = 0) -> tup
 
 
 def _to_uint8(x0: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 frames (what the data loader hands to the diagnostics)."""
-    return ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """[-1, 1] floats -> uint8 frames, channels last (what the data loader hands out)."""
+    return ((x0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
 
 
 def _true_abar() -> Tensor:
@@ -504,8 +504,8 @@ def test_validation_loss_deterministic_and_by_hand(sched: Schedule, perturbed: U
     val = diagnostics.validation_set(frames, torch.zeros(4, 0), T, "cpu")
     assert val.noise.t.flatten().tolist() == [125, 375, 625, 875]
     gen = torch.Generator().manual_seed(diagnostics.FIXED_SEED)
-    assert torch.equal(val.noise.eps, torch.randn(frames.shape, generator=gen))
-    assert torch.allclose(val.x0, frames.float() / 127.5 - 1)
+    assert torch.equal(val.noise.eps, torch.randn(x0.shape, generator=gen))
+    assert torch.allclose(val.x0, frames.movedim(-1, -3).float() / 127.5 - 1)
 
     perturbed.train()
     first = diagnostics.validation_loss(perturbed, sched, val, batch=3)

@@ -87,12 +87,12 @@ def samples_of(root: Path, split: str) -> list[tuple[str, str, dict[str, bytes]]
     return out
 
 
-def rgb_chw(png: bytes, size: int | None = None) -> np.ndarray:
-    """A frame as the loader should hand it out: RGB ``(3, H, W)``, area-resized to `size`."""
+def rgb(png: bytes, size: int | None = None) -> np.ndarray:
+    """A frame as the loader should hand it out: RGB ``(H, W, 3)``, area-resized to `size`."""
     img = decode_png(png)
     if size is not None and size != img.shape[0]:
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return img.transpose(2, 0, 1)
+    return img
 
 
 def replace_member(root: Path, rel: str, name: str, data: bytes) -> None:
@@ -139,7 +139,7 @@ def test_ranks_get_equal_batches_and_epochs_partition_windows(uneven, workers, b
         assert Counter(b["epoch"] for b in got) == dict.fromkeys(range(epochs), S)
         for g, b in enumerate(got):
             assert (b["epoch"], b["step"]) == divmod(g, S)
-            assert b["frames"].shape == (batch // world, 1, 3, 32, 32)
+            assert b["frames"].shape == (batch // world, 1, 32, 32, 3)
             assert len(b["keys"]) == batch // world and b["bad"] == 0
             keys[b["epoch"]] += b["keys"]
     for epoch_keys in keys:
@@ -223,27 +223,27 @@ def test_one_loader_worker_matches_loading_in_process(small):
 
 
 def test_iid_frames_are_uint8_rgb(small):
-    """frames=(1,) gives uint8 (B,1,3,H,W) equal to the decoded RGB PNG f1, no flow pairs."""
+    """frames=(1,) gives uint8 (B,1,H,W,3) equal to the decoded RGB PNG f1, no flow pairs."""
     members = {key: m for _, key, m in samples_of(small, "train")}
     batch = load(make_stream(small, batch=4), 0, 1)[0]
     assert batch["frames"].dtype == torch.uint8
-    assert batch["frames"].shape == (4, 1, 3, 32, 32)
+    assert batch["frames"].shape == (4, 1, 32, 32, 3)
     assert batch["flow_msq"].shape == (4, 0)
     for i, key in enumerate(batch["keys"]):
-        expected = rgb_chw(members[key]["f1.png"])
+        expected = rgb(members[key]["f1.png"])
         assert np.array_equal(batch["frames"][i, 0].numpy(), expected)
-        assert not np.array_equal(batch["frames"][i, 0].numpy(), expected[::-1])  # not BGR
+        assert not np.array_equal(batch["frames"][i, 0].numpy(), expected[..., ::-1])  # not BGR
 
 
 def test_window_frames_and_flow_msq(small):
-    """frames=(0,1,2) gives (B,3,3,H,W) in frame order and flow_msq (B,2) from the JSON."""
+    """frames=(0,1,2) gives (B,3,H,W,3) in frame order and flow_msq (B,2) from the JSON."""
     members = {key: m for _, key, m in samples_of(small, "train")}
     batch = load(make_stream(small, frames=(0, 1, 2), batch=4), 0, 1)[0]
-    assert batch["frames"].shape == (4, 3, 3, 32, 32)
+    assert batch["frames"].shape == (4, 3, 32, 32, 3)
     assert batch["flow_msq"].shape == (4, 2) and batch["flow_msq"].dtype == torch.float64
     for i, key in enumerate(batch["keys"]):
         for k in range(3):
-            expected = rgb_chw(members[key][f"f{k}.png"])
+            expected = rgb(members[key][f"f{k}.png"])
             assert np.array_equal(batch["frames"][i, k].numpy(), expected)
         meta = json.loads(members[key]["json"])
         assert batch["flow_msq"][i].tolist() == meta["flow_msq"]
@@ -254,9 +254,9 @@ def test_image_size_area_downsamples(small, size):
     """A smaller image_size on a 32 px build gives cv2 INTER_AREA resizes of the frames."""
     members = {key: m for _, key, m in samples_of(small, "train")}
     batch = load(make_stream(small, image_size=size, batch=4), 0, 1)[0]
-    assert batch["frames"].shape == (4, 1, 3, size, size)
+    assert batch["frames"].shape == (4, 1, size, size, 3)
     for i, key in enumerate(batch["keys"]):
-        expected = rgb_chw(members[key]["f1.png"], size=size)
+        expected = rgb(members[key]["f1.png"], size=size)
         assert np.array_equal(batch["frames"][i, 0].numpy(), expected)
 
 
@@ -404,9 +404,9 @@ def test_fixed_windows_are_the_first_in_shard_order(small):
     samples = samples_of(small, "val")
     frames, msq, keys = fixed_windows(open_build(small), "val", 4, frames=(1,), image_size=32)
     assert keys == [key for _, key, _ in samples[:4]]  # crosses no shard: the first has 4
-    assert frames.shape == (4, 1, 3, 32, 32) and msq.shape == (4, 0)
+    assert frames.shape == (4, 1, 32, 32, 3) and msq.shape == (4, 0)
     for i, (_, _, members) in enumerate(samples[:4]):
-        assert np.array_equal(frames[i, 0].numpy(), rgb_chw(members["f1.png"]))
+        assert np.array_equal(frames[i, 0].numpy(), rgb(members["f1.png"]))
     _, _, keys = fixed_windows(open_build(small), "val", 10, frames=(1,), image_size=32)
     assert keys == [key for _, key, _ in samples]
 
@@ -419,5 +419,5 @@ def test_fixed_windows_pass_over_an_undecodable_window(tmp_path):
     replace_member(root, broken[0], f"{broken[1]}.f1.png", b"garbage")
     frames, _, keys = fixed_windows(open_build(root), "val", 3, frames=(1,), image_size=16)
     assert keys == [samples[0][1], samples[2][1], samples[3][1]]
-    assert frames.shape == (3, 1, 3, 16, 16)
-    assert np.array_equal(frames[2, 0].numpy(), rgb_chw(samples[3][2]["f1.png"], size=16))
+    assert frames.shape == (3, 1, 16, 16, 3)
+    assert np.array_equal(frames[2, 0].numpy(), rgb(samples[3][2]["f1.png"], size=16))

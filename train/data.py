@@ -23,8 +23,9 @@ bad windows pass ``--max-bad-fraction``.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -167,15 +168,18 @@ def segment_order(stream: Stream, epoch: int, seg: Segment) -> np.ndarray:
     return rng.permutation(seg.hi - seg.lo)
 
 
-def decode_window(raw: dict, stream: Stream) -> tuple[np.ndarray, np.ndarray]:
-    """One raw sample -> frames uint8 ``(k, 3, H, W)`` and flow_msq float64 ``(k-1,)``.
+def decode_window(raw: dict, stream: Stream, out: np.ndarray | None = None) -> tuple:
+    """One raw sample -> frames uint8 ``(k, H, W, 3)`` RGB and flow_msq float64 ``(k-1,)``.
 
-    Only the PNG members in ``stream.frames`` and the JSON member are decoded. Raises
-    DataError on anything unusable.
+    Frames are written into `out` when given (a slot of a batch: no copy). Only the PNG
+    members in ``stream.frames`` and the JSON member are decoded. Raises DataError on anything
+    unusable (`out` may then hold part of the window).
     """
     key = raw.get("__key__", "?")
-    out = []
-    for k in stream.frames:
+    n, side = stream.image_size, stream.source_size
+    if out is None:
+        out = np.empty((len(stream.frames), n, n, 3), np.uint8)
+    for j, k in enumerate(stream.frames):
         data = raw.get(frame_member(k))
         if data is None:
             raise DataError(f"{key}: no member {frame_member(k)}")
@@ -183,13 +187,11 @@ def decode_window(raw: dict, stream: Stream) -> tuple[np.ndarray, np.ndarray]:
             img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         except cv2.error:  # an empty member
             img = None
-        side = stream.source_size
         if img is None or img.shape != (side, side, 3):
             raise DataError(f"{key}.{frame_member(k)}: not a {side}x{side} RGB PNG")
-        if stream.image_size != side:
-            size = (stream.image_size, stream.image_size)
-            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-        out.append(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
+        if n != side:
+            img = cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA)
+        cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=out[j])
     try:
         meta = json.loads(raw[JSON_MEMBER].decode("utf-8"))
         msq = np.asarray(meta["flow_msq"], np.float64)
@@ -201,7 +203,7 @@ def decode_window(raw: dict, stream: Stream) -> tuple[np.ndarray, np.ndarray]:
     pairs = msq[lo:hi]
     if len(stream.frames) > 1 and (len(pairs) != hi - lo or not np.all(np.isfinite(pairs))):
         raise DataError(f"{key}.json: flow_msq {meta['flow_msq']!r} does not fit the window")
-    return np.stack(out), pairs
+    return out, pairs
 
 
 def read_segment(stream: Stream, seg: Segment) -> tuple[list[dict | None], str | None]:
@@ -228,77 +230,81 @@ def read_segment(stream: Stream, seg: Segment) -> tuple[list[dict | None], str |
     return raws + [None] * missing, problem
 
 
-@dataclass
-class _Decoded:
-    frames: np.ndarray
-    msq: np.ndarray
-    key: str
+Fill = Callable[[np.ndarray], tuple[np.ndarray, str, bool]]
 
 
-def _segment_windows(
-    stream: Stream, epoch: int, seg: Segment, skip: int
-) -> Iterator[tuple[_Decoded, bool]]:
-    """``(window, bad)`` for a segment in its shuffled order, from the `skip`-th on."""
+def _segment_windows(stream: Stream, epoch: int, seg: Segment, skip: int) -> Iterator[Fill]:
+    """For each window of a segment in its shuffled order, from the `skip`-th on, a function
+    that decodes it into a batch slot and returns ``(flow_msq, key, bad)``.
+
+    A window that does not decode is replaced by the nearest good one before it, else after
+    it, in the segment's order (``bad`` True).
+    """
     raws, problem = read_segment(stream, seg)
     order = segment_order(stream, epoch, seg)
     name = stream.names[seg.shard]
 
-    def decode(i: int) -> _Decoded | None:
+    def decode(i: int, out: np.ndarray) -> tuple[np.ndarray, str] | None:
         raw = raws[order[i]]
         if raw is None:
             return None
         try:
-            frames, msq = decode_window(raw, stream)
+            return decode_window(raw, stream, out)[1], raw["__key__"]
         except DataError:
             return None
-        return _Decoded(frames, msq, raw["__key__"])
+
+    def fill(i: int, out: np.ndarray) -> tuple[np.ndarray, str, bool]:
+        got = decode(i, out)
+        if got is not None:
+            return (*got, False)
+        for j in [*range(i - 1, -1, -1), *range(i + 1, len(order))]:
+            got = decode(j, out)
+            if got is not None:
+                return (*got, True)
+        why = f" ({problem})" if problem else ""
+        raise DataError(f"{name}: no decodable window in positions {seg.lo}..{seg.hi - 1}{why}")
 
     for i in range(skip, len(order)):
-        window = decode(i)
-        if window is not None:
-            yield window, False
-            continue
-        # the nearest good window before, else after, in this segment's order
-        for j in [*range(i - 1, -1, -1), *range(i + 1, len(order))]:
-            window = decode(j)
-            if window is not None:
-                yield window, True
-                break
-        else:
-            why = f" ({problem})" if problem else ""
-            raise DataError(f"{name}: no decodable window in positions {seg.lo}..{seg.hi - 1}{why}")
+        yield functools.partial(fill, i)
 
 
 def lane_batches(stream: Stream, lane: int, start: int) -> Iterator[dict]:
     """`lane`'s part of every global batch from `start` on, epoch after epoch (endless).
 
     Each part: ``g`` (global batch number), ``epoch``, ``step``, ``lane``, ``frames`` uint8
-    ``(lane_batch, k, 3, H, W)``, ``flow_msq`` float64 ``(lane_batch, k-1)``, ``keys``,
+    RGB ``(lane_batch, k, H, W, 3)``, ``flow_msq`` float64 ``(lane_batch, k-1)``, ``keys``,
     ``bad`` (windows replaced) and ``bad_shards`` (their shards).
     """
-    S, b = stream.steps_per_epoch, stream.lane_batch
+    S, b, n = stream.steps_per_epoch, stream.lane_batch, stream.image_size
+    k = len(stream.frames)
     epoch, first = divmod(start, S)
     while True:
         windows = _lane_windows(stream, epoch, lane, skip=first * b)
         for step in range(first, S):
-            chunk = [next(windows) for _ in range(b)]
+            frames = np.empty((b, k, n, n, 3), np.uint8)
+            msq = np.empty((b, k - 1), np.float64)
+            keys, bad_shards, bad = [], set(), 0
+            for i in range(b):
+                fill, name = next(windows)
+                msq[i], key, replaced = fill(frames[i])
+                keys.append(key)
+                if replaced:
+                    bad, bad_shards = bad + 1, bad_shards | {name}
             yield {
                 "g": epoch * S + step,
                 "epoch": epoch,
                 "step": step,
                 "lane": lane,
-                "frames": torch.from_numpy(np.stack([w.frames for w, _, _ in chunk])),
-                "flow_msq": torch.from_numpy(np.stack([w.msq for w, _, _ in chunk])),
-                "keys": [w.key for w, _, _ in chunk],
-                "bad": sum(1 for _, bad, _ in chunk if bad),
-                "bad_shards": sorted({name for _, bad, name in chunk if bad}),
+                "frames": torch.from_numpy(frames),
+                "flow_msq": torch.from_numpy(msq),
+                "keys": keys,
+                "bad": bad,
+                "bad_shards": sorted(bad_shards),
             }
         epoch, first = epoch + 1, 0
 
 
-def _lane_windows(
-    stream: Stream, epoch: int, lane: int, skip: int
-) -> Iterator[tuple[_Decoded, bool, str]]:
+def _lane_windows(stream: Stream, epoch: int, lane: int, skip: int) -> Iterator[tuple[Fill, str]]:
     """The lane's windows of `epoch` in order, after skipping `skip` without reading them."""
     for seg in lane_segments(stream, epoch, lane):
         n = seg.hi - seg.lo
@@ -306,8 +312,8 @@ def _lane_windows(
             skip -= n
             continue
         name = stream.names[seg.shard]
-        for window, bad in _segment_windows(stream, epoch, seg, skip):
-            yield window, bad, name
+        for fill in _segment_windows(stream, epoch, seg, skip):
+            yield fill, name
         skip = 0
 
 
@@ -380,8 +386,10 @@ def _concat(parts: list[dict]) -> dict:
         "g": first["g"],
         "epoch": first["epoch"],
         "step": first["step"],
-        "frames": torch.cat([p["frames"] for p in parts]),
-        "flow_msq": torch.cat([p["flow_msq"] for p in parts]),
+        # numpy copies on this thread; torch.cat would wake the intra-op pool, whose spinning
+        # threads take the cores the loader workers run on
+        "frames": torch.from_numpy(np.concatenate([p["frames"].numpy() for p in parts])),
+        "flow_msq": torch.from_numpy(np.concatenate([p["flow_msq"].numpy() for p in parts])),
         "keys": [k for p in parts for k in p["keys"]],
         "bad": sum(p["bad"] for p in parts),
         "bad_shards": sorted({n for p in parts for n in p["bad_shards"]}),
@@ -393,7 +401,7 @@ def fixed_windows(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first `n` decodable windows of `split` in shard order (a fixed evaluation set).
 
-    Returns frames uint8 ``(n', k, 3, H, W)``, flow_msq ``(n', k-1)`` and the keys; windows
+    Returns frames uint8 RGB ``(n', k, H, W, 3)``, flow_msq ``(n', k-1)`` and the keys; windows
     that fail to decode are passed over.
     """
     stream = Stream(

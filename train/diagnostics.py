@@ -21,8 +21,12 @@ FIXED_SEED = 20_251_126  # the val and probe noise: the same for every run of a 
 
 
 def to_unit(frames: Tensor, device) -> Tensor:
-    """uint8 frames -> float in [-1, 1] on `device`."""
-    return frames.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    """The loader's uint8 frames ``(..., H, W, 3)`` -> float ``(..., 3, H, W)`` in [-1, 1].
+
+    The channel move happens on `device`, in the same copy as the conversion to float.
+    """
+    x = frames.to(device, non_blocking=True).movedim(-1, -3)
+    return x.float().div_(127.5).sub_(1.0).contiguous()
 
 
 @dataclass
@@ -38,21 +42,23 @@ class FixedSet:
 
 
 def validation_set(frames: Tensor, msq: Tensor, T: int, device) -> FixedSet:
-    """Fixed t evenly spread over [0, T) and fixed eps for single frames ``(n, 1, C, H, W)``."""
-    n = frames.shape[0]
+    """Fixed t evenly spread over [0, T) and fixed eps for single frames (loader layout)."""
+    x0 = to_unit(frames, device)
+    n = x0.shape[0]
     gen = torch.Generator().manual_seed(FIXED_SEED)
     t = ((torch.arange(n, dtype=torch.float64) + 0.5) * T / n).long().clamp(0, T - 1)
-    eps = torch.randn(frames.shape, generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
     noise = Noise(t[:, None].to(device), eps.to(device))
-    return FixedSet(to_unit(frames, device), msq.to(device), noise)
+    return FixedSet(x0, msq.to(device), noise)
 
 
 def probe_set(frames: Tensor, msq: Tensor, method: Method, T: int, device) -> FixedSet:
     """The probe batch with noise drawn once, shared per window when the method shares it."""
+    x0 = to_unit(frames, device)
     gen = torch.Generator().manual_seed(FIXED_SEED + 1)
-    noise = draw_noise(tuple(frames.shape), method.shared_noise, T, gen, "cpu")
+    noise = draw_noise(tuple(x0.shape), method.shared_noise, T, gen, "cpu")
     return FixedSet(
-        to_unit(frames, device),
+        x0,
         msq.to(device),
         Noise(noise.t.contiguous().to(device), noise.eps.contiguous().to(device)),
     )
