@@ -1,8 +1,10 @@
-# framebridge: `make demo` runs the main job on the embedded synthetic dataset; `make test` runs the tests.
+# framebridge: `make demo` builds shards from the embedded synthetic dataset and trains on them; `make test` runs the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DEMO   ?= demo_out
+# the demo trains the tiny UNet at 32 px (area-downsampled on load): a few minutes on 2 cores
+DEMO_TRAIN ?= --preset tiny --image-size 32 --max-steps 300 --val-every 50 --diag-every 100 --ckpt-every 100 --no-progress
 
 .PHONY: install demo test lint format bench clean
 
@@ -18,6 +20,8 @@ demo: install
 	$(VENV)/bin/pipeline build --src synthetic --out $(DEMO)/shards
 	$(VENV)/bin/pipeline validate $(DEMO)/shards
 	$(VENV)/bin/pipeline inspect $(DEMO)/shards --out $(DEMO)/inspect.png
+	$(PY) -m train --shards $(DEMO)/shards --out $(DEMO)/runs/flow --method flow $(DEMO_TRAIN) --batch 16
+	$(PY) -m train --shards $(DEMO)/shards --out $(DEMO)/runs/iid --method iid $(DEMO_TRAIN) --batch 48
 
 test: install
 	$(VENV)/bin/ruff check .
@@ -37,6 +41,7 @@ bench: install
 	$(PY) bench/build_memory.py
 	$(PY) bench/plan_scale.py
 	$(PY) bench/discover_scale.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

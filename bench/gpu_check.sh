@@ -7,3 +7,4 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 bench/raft_throughput.py --model raft-large --pairs 512 --size 224 --batch 32
 python3 bench/raft_throughput.py --model raft-small --pairs 512 --size 224 --batch 64
+python3 bench/gpu_train.py --presets small base --size 128 --window-batch 32 --steps 30

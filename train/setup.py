@@ -58,6 +58,8 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
     method = get_method(cfg.method)
     build = open_build(cfg.shards)
     K = build.window
+    if method.window and K < 2:
+        raise data.DataError(f"{build.path}: windows of {K} frame; {method.name} needs 2 or more")
     frames = tuple(range(K)) if method.window else (K // 2,)
     image_size = cfg.image_size or build.image_size
     if image_size > build.image_size:
@@ -71,6 +73,9 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
             f"{cfg.grad_accum}"
         )
     dev = world.device
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     workers = cfg.workers if cfg.workers is not None else (4 if dev.type == "cuda" else 1)
     stream = data.stream_for(
         build,
