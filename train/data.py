@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -360,6 +361,7 @@ def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[di
             pin_memory=pin_memory,
             persistent_workers=True,
             prefetch_factor=4 if pin_memory else 2,
+            multiprocessing_context=_worker_context(),
         )
         source = iter(loader)
     lanes = list(stream.rank_lanes)
@@ -376,6 +378,14 @@ def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[di
                 )
         yield _concat(parts)
         g += 1
+
+
+def _worker_context():
+    """Loader workers start from a fork server that has loaded only this module: forking the
+    training process itself (threads, OpenMP, Ray, CUDA) can deadlock a worker."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["train.data"])
+    return ctx
 
 
 def _concat(parts: list[dict]) -> dict:

@@ -1,15 +1,20 @@
-"""DDPM noise schedule: linear betas, cumulative alphas and the forward (noising) process.
+"""DDPM noise schedule (linear betas, cumulative alphas, forward process) and the DDIM sampler.
 
 Notation follows Ho et al. 2020: ``alpha_t = 1 - beta_t``, ``abar_t = prod_{s<=t} alpha_s``
 and ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, for integer ``t`` in ``[0, T)`` (index 0
 is the first noising step, so ``abar[0] = 1 - beta_start``). Tables are computed in float64 and
-stored as float32. Samplers (DDIM) are meant to be added next to this class and read the
-tables it holds.
+stored as float32.
+
+DDIM (Song et al. 2021) reads those tables: :func:`ddim_timesteps` picks the sampled steps and
+:func:`ddim_step` moves ``x_t`` to ``x_{t_prev}``. Both match diffusers' ``DDIMScheduler`` with
+``beta_schedule="linear", set_alpha_to_one=True, timestep_spacing="leading", clip_sample=False,
+steps_offset=0, prediction_type="epsilon"`` (tested to 1e-5).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -69,3 +74,60 @@ class Schedule:
         a = self._lookup(self.sqrt_alphas_cumprod, t).to(x0.dtype).view(shape)
         s = self._lookup(self.sqrt_one_minus_alphas_cumprod, t).to(x0.dtype).view(shape)
         return a * x0 + s * eps
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """The ``steps`` DDIM timesteps of a ``T``-step schedule, descending ("leading" spacing).
+
+    ``[(steps - 1) * r, ..., r, 0]`` with ``r = T // steps``, as diffusers' ``set_timesteps``;
+    the step after ``t`` is ``t - r`` (``-1``-like, i.e. negative, after the last).
+    """
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM steps must be in 1..{T}, got {steps}")
+    ratio = T // steps
+    return [i * ratio for i in reversed(range(steps))]
+
+
+def _abar_at(sched: Schedule, t: int) -> float:
+    """``abar_t`` as a Python float, or 1.0 for ``t < 0`` (``set_alpha_to_one``)."""
+    return 1.0 if t < 0 else float(sched.alphas_cumprod[t])
+
+
+def ddim_sigma(sched: Schedule, t: int, t_prev: int, eta: float) -> float:
+    """``sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)``."""
+    a_t, a_prev = _abar_at(sched, t), _abar_at(sched, t_prev)
+    return eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+
+
+def ddim_step(
+    sched: Schedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """One DDIM update ``x_t -> x_{t_prev}`` from the predicted noise ``eps``.
+
+    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``, then
+    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t**2) eps + sigma_t noise``;
+    ``t_prev < 0`` means ``a_prev = 1``. ``noise`` (shaped like ``x_t``) may be None only when
+    ``eta == 0``. Coefficients come from the float32 tables, combined in float64; the tensor
+    arithmetic runs in ``x_t``'s dtype.
+    """
+    if not 0 <= t < sched.T or t_prev >= t:
+        raise ValueError(
+            f"DDIM step needs 0 <= t_prev < t < {sched.T} or t_prev < 0, got {t}, {t_prev}"
+        )
+    if eta < 0:
+        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+    a_t, a_prev = _abar_at(sched, t), _abar_at(sched, t_prev)
+    sigma = ddim_sigma(sched, t, t_prev, eta)
+    x0 = (x_t - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("DDIM step with eta > 0 needs noise")
+        x_prev = x_prev + sigma * noise
+    return x_prev
