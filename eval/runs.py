@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from train import checkpoint
 from train.unet import PRESETS, UNet, build_unet
 
@@ -77,7 +75,7 @@ def load(run: Path | str, which: str | int = "last", ema: bool = True, device="c
         raise RunError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
     saved = state["config"]
     for key in ("preset", "image_size", "unet"):
-        if saved.get(key) != config.get(key):
+        if json.loads(json.dumps(saved.get(key))) != config.get(key):  # tuples as in JSON
             raise RunError(
                 f"{path} is of another model ({key} {saved.get(key)!r}, config.json has "
                 f"{config.get(key)!r})"

@@ -80,7 +80,7 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
     """The ``steps`` DDIM timesteps of a ``T``-step schedule, descending ("leading" spacing).
 
     ``[(steps - 1) * r, ..., r, 0]`` with ``r = T // steps``, as diffusers' ``set_timesteps``;
-    the step after ``t`` is ``t - r`` (``-1``-like, i.e. negative, after the last).
+    the step after ``t`` is ``t - r``, and the last one steps to ``t_prev < 0`` (``abar = 1``).
     """
     if not 1 <= steps <= T:
         raise ValueError(f"DDIM steps must be in 1..{T}, got {steps}")

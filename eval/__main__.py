@@ -1,0 +1,44 @@
+"""``python -m eval``: sample, fid, watch, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shards_spec import SpecError
+
+from . import metrics, report, sample, watch
+from .runs import RunError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m eval`` parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    smp = sub.add_parser("sample", help="DDIM samples of a run's checkpoint as numbered PNGs")
+    sample.add_arguments(smp)
+    smp.set_defaults(func=sample.run)
+    fid = sub.add_parser("fid", help="FID/KID/P/R/D/C of sample PNGs against a build's frames")
+    metrics.add_arguments(fid)
+    fid.set_defaults(func=metrics.run)
+    wat = sub.add_parser("watch", help="sample and score each checkpoint of a run as it lands")
+    watch.add_arguments(wat)
+    wat.set_defaults(func=watch.run)
+    rep = sub.add_parser("report", help="Table 1, equal-budget comparisons and plots for runs")
+    report.add_arguments(rep)
+    rep.set_defaults(func=report.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; one-line ``error: ...`` on stderr and exit 2 for bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RunError, metrics.MetricsError, SpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

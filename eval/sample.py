@@ -1,0 +1,295 @@
+"""DDIM samples of a training run's checkpoint as numbered PNGs (`python -m eval sample`).
+
+Image ``i`` draws its initial noise ``x_T`` and then one noise tensor per DDIM step from its own
+CPU generator, seeded from ``(seed, i)`` only, and the model is always called with exactly
+``batch`` rows (a short last chunk is padded), so an image's bytes do not depend on which other
+indices share its batch, on its position there, on resuming or on the number of ranks. They
+can depend on ``batch`` itself and on the device, through the float rounding of the kernels
+(oneDNN/MKL and cuDNN choose algorithms by shape): on CPU, float32, a tiny UNet's eps differs
+by ~5e-7 between batch 1..16 and 17+, which moves an odd pixel by one level.
+
+The output folder is resumable: ``DIR/{index:06d}.png`` already present are skipped, each file
+is written under a temporary name and renamed, and ``DIR/sample.json`` records what the folder
+holds so that a later call with another run, checkpoint or sampler is refused.
+Under torchrun, rank ``r`` of ``w`` takes the indices ``i`` with ``i % w == r``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eval.runs import RunError, load
+from train import distributed
+from train.diffusion import Schedule, ddim_step, ddim_timesteps
+
+RECORD_NAME = "sample.json"
+MUST_MATCH = ("run", "step", "ema", "steps", "eta", "seed")  # fields a resumed DIR must share
+
+
+def image_name(index: int) -> str:
+    """File name of image ``index`` (``000042.png``)."""
+    return f"{index:06d}.png"
+
+
+def _temp_name(index: int) -> str:
+    """Temporary name of image ``index`` while it is being written (never counted as done)."""
+    return f".{image_name(index)}.tmp"
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, index)`` only (numpy SeedSequence mixing)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got {seed}, {index}")
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for the model call: bf16 on CUDA by default, none on CPU by default."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 RGB (B, H, W, 3), ``round((x + 1) * 127.5)``."""
+    x = x.float().clamp(-1.0, 1.0)
+    out = torch.round((x + 1.0) * 127.5).to(torch.uint8)
+    return out.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _noise(gens: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    """One standard normal tensor of ``shape`` per generator, stacked, on ``device``."""
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+
+@torch.no_grad()
+def _sample_batch(
+    model: torch.nn.Module,
+    sched: Schedule,
+    indices: Sequence[int],
+    seed: int,
+    timesteps: list[int],
+    eta: float,
+    width: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> np.ndarray:
+    """DDIM-sample one chunk of at most ``width`` indices -> uint8 (len(indices), H, W, 3).
+
+    The model sees ``width`` rows every call (zero rows pad a short chunk), so that its kernels
+    and hence the rounding of each row do not change with the chunk's length.
+    """
+    size = int(model.image_size)
+    shape = (3, size, size)
+    gens = [image_generator(seed, i) for i in indices]
+    x = _noise(gens, shape, device)
+    pad = torch.zeros((width - len(indices), *shape), device=device)
+    tt = torch.empty(width, dtype=torch.long, device=device)
+    nexts = timesteps[1:] + [-1]
+    for t, t_prev in zip(timesteps, nexts, strict=True):
+        with _autocast(device, dtype):
+            eps = model(torch.cat([x, pad]), tt.fill_(t))
+        eps = eps[: len(indices)].float()
+        noise = _noise(gens, shape, device) if eta > 0 else None
+        x = ddim_step(sched, x, eps, t, t_prev, eta, noise)
+    return to_uint8(x)
+
+
+def sample(
+    model: torch.nn.Module,
+    sched: Schedule,
+    indices: Sequence[int],
+    seed: int,
+    steps: int,
+    eta: float,
+    batch: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+) -> np.ndarray:
+    """DDIM samples of ``indices`` -> uint8 RGB (n, H, W, 3), in the order of ``indices``.
+
+    ``x_T ~ N(0, I)``; image ``i``'s noise depends on ``(seed, i)`` only, and every model
+    call has ``batch`` rows, so the image does not depend on its neighbours or position (and
+    on ``batch`` and the device only through kernel rounding, see the module doc). ``dtype``
+    is the autocast dtype of the model call (None: bfloat16 on CUDA, no autocast elsewhere);
+    eps and the DDIM update are float32.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    device = torch.device(device)
+    timesteps = ddim_timesteps(sched.T, steps)
+    size = int(model.image_size)
+    parts = [np.zeros((0, size, size, 3), np.uint8)]
+    for start in range(0, len(indices), batch):
+        chunk = list(indices[start : start + batch])
+        parts.append(_sample_batch(model, sched, chunk, seed, timesteps, eta, batch, device, dtype))
+    return np.concatenate(parts)
+
+
+def write_png(folder: Path, index: int, image: np.ndarray) -> Path:
+    """Write one uint8 RGB image as ``folder/{index:06d}.png`` atomically (temp, rename)."""
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise OSError(f"could not encode image {index} as PNG")
+    path, tmp = folder / image_name(index), folder / _temp_name(index)
+    tmp.write_bytes(data.tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def todo(folder: Path, n: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's indices (``i % world == rank``) below ``n`` without a finished PNG."""
+    return [i for i in range(rank, n, world) if not (folder / image_name(i)).is_file()]
+
+
+def remove_stale_temps(folder: Path, rank: int = 0, world: int = 1) -> None:
+    """Delete temporary PNGs of this rank's indices that a killed write left behind."""
+    for tmp in folder.glob(".*.png.tmp"):
+        stem = tmp.name[1:].split(".", 1)[0]
+        if stem.isdigit() and int(stem) % world == rank:
+            tmp.unlink(missing_ok=True)
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """``folder/sample.json``, or None when there is none (RunError when unreadable)."""
+    file = folder / RECORD_NAME
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{file}: unreadable ({exc})") from None
+
+
+def check_record(folder: Path, record: dict[str, Any]) -> None:
+    """Refuse (RunError) a folder whose sample.json differs from ``record`` in MUST_MATCH."""
+    old = read_record(folder)
+    if old is None:
+        return
+    diff = [k for k in MUST_MATCH if old.get(k) != record[k]]
+    if diff:
+        said = ", ".join(f"{k} {old.get(k)!r} (now {record[k]!r})" for k in diff)
+        raise RunError(f"{folder} holds other samples: {said}; use another --out")
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write ``folder/sample.json`` atomically; ``n`` never shrinks below the recorded one."""
+    old = read_record(folder) or {}
+    record = {**record, "n": max(int(record["n"]), int(old.get("n", 0)))}
+    file, tmp = folder / RECORD_NAME, folder / f".{RECORD_NAME}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of ``python -m eval sample`` on ``parser``."""
+    # under torchrun use --run-dir and --n-images: torchrun's parser reads --run and --n as
+    # abbreviations of its own options (pytorch/pytorch#120601) and stops with an error
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="training run folder (config.json, ckpt-*); --run-dir under torchrun",
+    )
+    parser.add_argument(
+        "--n",
+        "--n-images",
+        dest="n",
+        type=int,
+        required=True,
+        help="images: indices 0..n-1; --n-images under torchrun",
+    )
+    parser.add_argument("--steps", type=int, required=True, help="DDIM steps")
+    parser.add_argument("--out", required=True, help="folder for {index:06d}.png and sample.json")
+    parser.add_argument("--seed", type=int, default=0, help="image i depends on (seed, i) only")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--ckpt", default="last", help="last, best or a step number")
+    parser.add_argument("--batch", type=int, default=64, help="images per model call per rank")
+    parser.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA")
+    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """One-line RunError for option values out of range."""
+    if args.n < 0:
+        raise RunError(f"--n must be >= 0, got {args.n}")
+    T = Schedule().T
+    if not 1 <= args.steps <= T:
+        raise RunError(f"--steps must be in 1..{T}, got {args.steps}")
+    if args.eta < 0:
+        raise RunError(f"--eta must be >= 0, got {args.eta}")
+    if args.seed < 0:
+        raise RunError(f"--seed must be >= 0, got {args.seed}")
+    if args.batch < 1:
+        raise RunError(f"--batch must be >= 1, got {args.batch}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample ``args.n`` images of a run's checkpoint into ``args.out``; returns 0.
+
+    Raises RunError (one line) for a bad run folder, checkpoint, option or output folder; the
+    caller prints it. Joins torchrun's process group when WORLD_SIZE > 1.
+    """
+    _check_args(args)
+    try:
+        world = distributed.setup(args.device)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    try:
+        _run(args, world)
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def _run(args: argparse.Namespace, world: distributed.World) -> None:
+    """The body of :func:`run` once the process group (if any) is up."""
+    loaded = load(args.run, args.ckpt, ema=not args.no_ema, device=world.device)
+    record = {
+        "run": str(Path(args.run).resolve()),
+        "step": loaded.step,
+        "epoch": loaded.epoch,
+        "images": loaded.images,
+        "ema": not args.no_ema,
+        "steps": args.steps,
+        "eta": float(args.eta),
+        "seed": args.seed,
+        "n": args.n,
+    }
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    check_record(folder, record)
+    remove_stale_temps(folder, world.rank, world.size)
+    mine = todo(folder, args.n, world.rank, world.size)
+    sched = Schedule()
+    bar = tqdm(total=len(mine), unit="img", disable=not world.main or args.no_progress)
+    for start in range(0, len(mine), args.batch):
+        chunk = mine[start : start + args.batch]
+        images = sample(
+            loaded.model, sched, chunk, args.seed, args.steps, args.eta, args.batch, world.device
+        )
+        for index, image in zip(chunk, images, strict=True):
+            write_png(folder, index, image)
+        bar.update(len(chunk))
+    bar.close()
+    if world.main:
+        write_record(folder, record)

@@ -1,0 +1,121 @@
+"""``python -m eval watch RUN``: evaluate a run's checkpoints as they land, for the FID curves.
+
+For each new checkpoint: sample ``--n`` images into ``RUN/samples/{step:08d}/`` (resumable),
+compare them with each split's reference frames, and write one JSON per (step, split,
+extractor) to ``RUN/evals/`` with where the checkpoint was in training (step, epoch, images
+processed, training wall-clock: evaluation time never counts as training time). It runs beside
+training (another GPU: ``--device cuda:1``) or after it (``--all``), and stops when the run's
+last step is evaluated (or at once with ``--once``). The trainer knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from train import checkpoint
+
+from . import metrics, sample
+from .runs import EVALS_DIR, RunError, load, read_config
+
+SAMPLES_DIR = "samples"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="the training run folder")
+    p.add_argument("--shards", help="the build to compare with (default: the run's --shards)")
+    p.add_argument("--n", type=int, default=5000, help="samples per checkpoint")
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps (the paper's)")
+    p.add_argument("--splits", default="train,val", help="reference splits, comma-separated")
+    p.add_argument("--n-ref", type=int, default=metrics.DEFAULT_N_REF, help="reference frames")
+    p.add_argument("--extractor", default="inception", choices=("inception", "offline"))
+    p.add_argument("--inception-weights", help="path of inception-2015-12-05.pt")
+    p.add_argument("--every", type=int, default=0, help="only steps that are multiples of this")
+    p.add_argument("--all", action="store_true", help="also the checkpoints already there")
+    p.add_argument("--once", action="store_true", help="evaluate what is there, then exit")
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between looks")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cuda | cuda:N | cpu (default: cuda when available)")
+
+
+def eval_path(run: Path, step: int, split: str, extractor: str) -> Path:
+    return Path(run) / EVALS_DIR / f"{step:08d}-{split}-{extractor}.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Watch until the run's last step is evaluated (or once); returns 0."""
+    run_dir = Path(args.run)
+    config = read_config(run_dir)
+    shards = args.shards or config.get("shards")
+    splits = [s for s in args.splits.split(",") if s]
+    seen = set() if (args.all or args.once) else set(checkpoint.steps_saved(run_dir))
+    if seen:
+        print(f"watching {run_dir}: {len(seen)} checkpoints already there are left out "
+              "(--all includes them)", file=sys.stderr)  # fmt: skip
+    while True:
+        for step in checkpoint.steps_saved(run_dir):
+            if step in seen or (args.every and step % args.every):
+                continue
+            seen.add(step)
+            try:
+                evaluate_step(run_dir, step, shards, splits, args)
+            except RunError as exc:  # pruned by the trainer meanwhile, or damaged
+                print(f"warning: step {step} not evaluated: {exc}", file=sys.stderr)
+        last = config.get("total_steps")
+        if args.once or (last is not None and last in seen):
+            return 0
+        time.sleep(args.poll)
+        config = read_config(run_dir)  # a resumed run may have a new length
+
+
+def evaluate_step(run: Path, step: int, shards: str, splits: list[str], args) -> list[Path]:
+    """Sample one checkpoint and write its evaluation JSONs (those missing)."""
+    todo = [s for s in splits if not eval_path(run, step, s, args.extractor).exists()]
+    if not todo:
+        return []
+    loaded = load(run, step, device="cpu")  # where in training it was; checks the file
+    folder = run / SAMPLES_DIR / f"{step:08d}"
+    argv = ["--run", str(run), "--ckpt", str(step), "--n", str(args.n), "--steps",
+            str(args.steps), "--out", str(folder), "--seed", str(args.seed), "--batch",
+            str(args.batch)]  # fmt: skip
+    if args.device:
+        argv += ["--device", args.device]
+    parser = argparse.ArgumentParser()
+    sample.add_arguments(parser)
+    t0 = time.perf_counter()
+    sample.run(parser.parse_args(argv))
+    written = []
+    for split in todo:
+        result = metrics.evaluate(
+            folder, shards, split, n_ref=args.n_ref, extractor=args.extractor,
+            inception_weights=args.inception_weights, batch=args.batch,
+            device=args.device or "cpu",
+        )  # fmt: skip
+        record = {
+            **result,
+            "run": str(run),
+            "method": loaded.config.get("method"),
+            "step": loaded.step,
+            "epoch": loaded.epoch,
+            "images": loaded.images,
+            "wall_s": loaded.wall_s,
+            "sampler": {"steps": args.steps, "eta": 0.0, "ema": True, "seed": args.seed},
+            "eval_wall_s": time.perf_counter() - t0,
+        }
+        written.append(_write_json(eval_path(run, step, split, args.extractor), record))
+        print(f"step {step} {split}: {result['metric_name']} {result['fid']:.3f}",
+              file=sys.stderr)  # fmt: skip
+    return written
+
+
+def _write_json(path: Path, record: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
