@@ -67,7 +67,7 @@ def frechet(ref: np.ndarray, feats: np.ndarray) -> float:
     mu1, sigma1 = ref.mean(axis=0), np.cov(ref, rowvar=False)
     mu2, sigma2 = feats.mean(axis=0), np.cov(feats, rowvar=False)
     with _stdout_to_stderr(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # scipy's sqrtm(disp=...)
+        warnings.simplefilter("ignore")  # scipy deprecates sqrtm(disp=...), which clean-fid uses
         try:
             return float(frechet_distance(mu2, sigma2, mu1, sigma1))
         except ValueError as exc:

@@ -217,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="images: indices 0..n-1; --n-images under torchrun",
     )
-    parser.add_argument("--steps", type=int, required=True, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=100, help="DDIM steps (the paper's 100)")
     parser.add_argument("--out", required=True, help="folder for {index:06d}.png and sample.json")
     parser.add_argument("--seed", type=int, default=0, help="image i depends on (seed, i) only")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -278,6 +278,8 @@ def _run(args: argparse.Namespace, world: distributed.World) -> None:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     check_record(folder, record)
+    if world.main:  # at once, so that a killed run's folder is refused to other settings too
+        write_record(folder, {**record, "complete": False})
     remove_stale_temps(folder, world.rank, world.size)
     mine = todo(folder, args.n, world.rank, world.size)
     sched = Schedule()
@@ -292,4 +294,5 @@ def _run(args: argparse.Namespace, world: distributed.World) -> None:
         bar.update(len(chunk))
     bar.close()
     if world.main:
-        write_record(folder, record)
+        # complete when every index 0..n-1 is there (other ranks may still be writing theirs)
+        write_record(folder, {**record, "complete": not todo(folder, args.n)})
