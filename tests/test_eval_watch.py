@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ WATCH = ["--all", "--once", "--n", "8", "--steps", "3", "--extractor", "offline"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+def runs(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
     """A build and two 4-step runs (flow and the step-matched iid), checkpoints at 2 and 4."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("watch")
     build = make_build(root, n_train=24, n_val=8, size=16, shard_size=6, seed=2)
@@ -31,7 +33,8 @@ def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
                            "--no-progress", "--workers", "0"])  # fmt: skip
         assert code == 0
         out.append(run)
-    return build, out[0], out[1]
+    yield build, out[0], out[1]
+    torch.set_num_threads(threads)
 
 
 def test_watch_scores_every_checkpoint_once(runs, capsys):

@@ -85,8 +85,14 @@ def test_same_seed_same_run(build, tmp_path, capsys):
 
 def test_sigkill_and_resume_reproduce_the_losses(build, tmp_path, capsys):
     """A run killed with SIGKILL and resumed takes exactly the steps of an uninterrupted one."""
+
+    def train(out: Path, steps: str) -> None:  # subprocesses: the same threads for every run
+        cmd = [PY, "-m", "train", *args(build, out, "--max-steps", steps, "--workers", "1")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+
     ref = tmp_path / "ref"
-    assert run_main(args(build, ref, "--max-steps", "30", "--workers", "1"), capsys)[0] == 0
+    train(ref, "30")
     out = tmp_path / "killed"
     cmd = [PY, "-m", "train", *args(build, out, "--max-steps", "100000", "--workers", "1")]
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
@@ -99,8 +105,7 @@ def test_sigkill_and_resume_reproduce_the_losses(build, tmp_path, capsys):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert max(steps_saved(out)) < 100000
-    code, err = run_main(args(build, out, "--max-steps", "30", "--workers", "1"), capsys)
-    assert code == 0, err
+    train(out, "30")
     resumed = [r for r in read_metrics(out) if r.get("kind") == "resume"]
     assert resumed and resumed[0]["step"] >= 10
     assert losses(out) == losses(ref)
