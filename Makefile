@@ -9,7 +9,7 @@ DEMO_TRAIN ?= --preset tiny --image-size 32 --max-steps 300 --ema 0.99 --val-eve
 # the demo scores samples with the offline extractor (a fixed small network: not FID)
 DEMO_EVAL ?= --all --once --n 128 --steps 20 --extractor offline --n-ref 256
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean lock
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ bench: install
 	$(PY) bench/plan_scale.py
 	$(PY) bench/discover_scale.py
 	$(PY) bench/train_throughput.py
+
+# docker/requirements.lock: the image's pinned, hashed dependencies (CPython 3.11, Linux x86_64),
+# resolved by uv from a venv of its own (never the project's)
+LOCK_VENV ?= /tmp/framebridge-lock
+UV_VERSION ?= 0.13.9
+
+lock:
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q uv==$(UV_VERSION); }
+	$(LOCK_VENV)/bin/uv pip compile -q pyproject.toml docker/requirements.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --output-file docker/requirements.lock
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

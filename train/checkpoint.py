@@ -38,6 +38,7 @@ MAY_CHANGE = frozenset(
         "max_bad_steps",
         "progress",
         "device",
+        "dist_timeout",
         "total_steps",
         "workers",  # allowed, with a warning: the data order changes
         "world_size",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -25,8 +26,12 @@ class World:
         return self.size > 1
 
 
-def setup(device: str | None = None) -> World:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+def setup(device: str | None = None, timeout_s: float = 600.0) -> World:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any.
+
+    A collective that waits longer than `timeout_s` for a peer (a node died) raises, so the
+    job stops instead of hanging; torchrun then restarts it (``--max-restarts``) or ends it.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,7 +46,11 @@ def setup(device: str | None = None) -> World:
         dev = torch.device(device)
     if size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            device_id=dev if dev.type == "cuda" else None,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return World(rank, size, local, dev)
 
 

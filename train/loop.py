@@ -57,7 +57,7 @@ class Counters:
 
 def run(cfg) -> None:
     """Train as `cfg` says, on this process's share of the world torchrun describes."""
-    world = distributed.setup(cfg.device)
+    world = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
         _train(prepare(cfg, world))
     finally:

@@ -50,6 +50,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     progress: bool = True
     device: str | None = None
+    dist_timeout: float = 600.0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,6 +187,13 @@ def parser() -> argparse.ArgumentParser:
     )
     log.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     log.add_argument("--device", help="cuda | cpu (default: cuda when available)")
+    log.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=d.dist_timeout,
+        help="seconds a rank waits for the others before the job stops (a node died); "
+        "torchrun --max-restarts then resumes it from the last checkpoint",
+    )
     return p
 
 
