@@ -110,14 +110,8 @@ def stream_for(
         raise DataError(f"{build.path}: split {split!r} is missing (this build has: {have})")
     shards = build.manifest["splits"][split]["shards"]
     names = tuple(s["path"] for s in shards)
-    if url_template is None:
-        urls = tuple(build.urls(split))
-    elif "{path}" in url_template:
-        urls = tuple(url_template.format(path=n) for n in names)
-    else:
-        urls = tuple(f"{url_template.rstrip('/')}/{n}" for n in names)
     stream = Stream(
-        urls=urls,
+        urls=shard_urls(build, split, url_template),
         names=names,
         counts=tuple(int(s["samples"]) for s in shards),
         frames=tuple(frames),
@@ -140,6 +134,16 @@ def stream_for(
             f"{batch}: lower --batch"
         )
     return stream
+
+
+def shard_urls(build: Build, split: str, url_template: str | None = None) -> tuple[str, ...]:
+    """URLs of the shards of `split`: in the build folder, or mapped by `url_template`."""
+    if url_template is None:
+        return tuple(build.urls(split))
+    names = [s["path"] for s in build.manifest["splits"][split]["shards"]]
+    if "{path}" in url_template:
+        return tuple(url_template.format(path=n) for n in names)
+    return tuple(f"{url_template.rstrip('/')}/{n}" for n in names)
 
 
 def shard_order(stream: Stream, epoch: int) -> np.ndarray:
@@ -407,7 +411,12 @@ def _concat(parts: list[dict]) -> dict:
 
 
 def fixed_windows(
-    build: Build, split: str, n: int, frames: Sequence[int], image_size: int
+    build: Build,
+    split: str,
+    n: int,
+    frames: Sequence[int],
+    image_size: int,
+    url_template: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first `n` decodable windows of `split` in shard order (a fixed evaluation set).
 
@@ -415,7 +424,7 @@ def fixed_windows(
     that fail to decode are passed over.
     """
     stream = Stream(
-        urls=tuple(build.urls(split)),
+        urls=shard_urls(build, split, url_template),
         names=(),
         counts=(),
         frames=tuple(frames),

@@ -95,7 +95,9 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
     sched = Schedule().to(dev)
     probe = None
     if cfg.diag_every or (method.name == "divergence" and cfg.sigma_div is None):
-        f, m, _ = data.fixed_windows(build, "train", cfg.probe_size, frames, image_size)
+        f, m, _ = data.fixed_windows(
+            build, "train", cfg.probe_size, frames, image_size, cfg.shard_url
+        )
         probe = diagnostics.probe_set(f, m, method, sched.T, dev)
     sigma_div = cfg.sigma_div
     if method.name == "divergence" and sigma_div is None:
@@ -134,7 +136,9 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
         if "val" not in build.splits:
             raise data.DataError(f"{build.path} has no 'val' split: pass --val-every 0")
         if world.main:
-            f, m, _ = data.fixed_windows(build, "val", cfg.val_size, (K // 2,), image_size)
+            f, m, _ = data.fixed_windows(
+                build, "val", cfg.val_size, (K // 2,), image_size, cfg.shard_url
+            )
             val = diagnostics.validation_set(f, m[:, :0], sched.T, dev)
     if world.main:
         _announce(cfg, method, resolved, stream, out)
