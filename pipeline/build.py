@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from pipeline.config import (  # noqa: F401 - re-exported: the build API in one 
 )
 from pipeline.outputs import format_summary, write_outputs  # noqa: F401 - re-exported
 from pipeline.plan import Plan, make_plan
-from pipeline.raycluster import ray_session
+from pipeline.raycluster import check_shared_folder, ray_session
 from pipeline.shards import done_shard, shard_jobs, write_planned_shard
 from pipeline.sources import Discovery, Track, default_flow_size
 from pipeline.tracks import ChunkedPairs, CpuPairs, TrackOptions, load_meta, process_track
@@ -45,6 +46,19 @@ BUILD_FILES = {
 
 # ------------------------------------------------------------------ Ray workers
 
+# Fault tolerance is Ray's own: a task whose worker or node dies (a lost machine, the OOM killer)
+# is run again elsewhere, up to TASK_RETRIES times; every task is idempotent (it writes its
+# outputs atomically to paths fixed by its inputs). A RAFT actor whose process or node dies is
+# restarted wherever its GPU (or CPU) fits, up to ACTOR_RESTARTS times, and the calls it had not
+# answered are sent again once it is back (max_task_retries=-1: a call is a pure function of its
+# frames; Ray counts every attempt made while the actor is unreachable as a retry, so a finite
+# number runs out in the seconds before the cluster declares a lost node dead). With one actor
+# per GPU, a lost GPU node's actor waits for a free GPU (a node added back). A call fails once the
+# actor cannot be restarted any more. Errors raised by our own code are reported, not retried.
+TASK_RETRIES = 4
+ACTOR_RESTARTS = 4
+ACTOR_TASK_RETRIES = -1
+
 _FLOW_IMPLS: dict = {}
 
 
@@ -57,13 +71,13 @@ def _cpu_flow(backend: str):
     return _FLOW_IMPLS[backend]
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)
 def _track_task(cache: str, track: Track, opts: TrackOptions, backend: str) -> dict:
     pairs = CpuPairs(_cpu_flow(backend), opts.keep_flow)
     return process_track(Path(cache), track, opts, pairs)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)
 def _raft_track_task(cache: str, track: Track, opts: TrackOptions, actor, chunk: int) -> dict:
     """Frames on this CPU task; flow on a RAFT actor, one bounded chunk of a clip at a time."""
     import cv2
@@ -77,7 +91,7 @@ def _raft_track_task(cache: str, track: Track, opts: TrackOptions, actor, chunk:
     return process_track(Path(cache), track, opts, pairs)
 
 
-@ray.remote
+@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES)
 class FlowActor:
     """One RAFT model per actor (one actor per GPU); flow for chunks of clips, batched."""
 
@@ -92,9 +106,12 @@ class FlowActor:
         return msq, stored
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)
 def _shard_task(out: str, work: str, split: str, n: int, jobs: list[dict]) -> dict:
     return write_planned_shard(Path(out), Path(work), split, n, jobs)
+
+
+STALL_WARN_S = 900.0  # nothing finished for this long: say what may be waiting
 
 
 def _bounded(submit, items, limit: int) -> Iterator[tuple[object, object]]:
@@ -106,7 +123,13 @@ def _bounded(submit, items, limit: int) -> Iterator[tuple[object, object]]:
             pending[submit(item)] = item
         if not pending:
             return
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=STALL_WARN_S)
+        if not ready:
+            print(f"warning: no task finished in the last {STALL_WARN_S / 60:.0f} min; if a node "
+                  "was lost, its RAFT actors wait for a free GPU (add a node, or stop and run the "
+                  "same command again to resume); `ray status` shows what is pending",
+                  file=sys.stderr)  # fmt: skip
+            continue
         for ref in ready:
             yield pending.pop(ref), ray.get(ref)
 
@@ -229,6 +252,37 @@ def _check_resources(cfg: BuildConfig, rt: Runtime, res: dict, backend: str) -> 
         _flow_actors(rt.flow_actors, res["cpus"], res["gpus"])
 
 
+def _check_cluster_paths(cfg: BuildConfig, disc: Discovery) -> None:
+    """On a cluster, input paths must be absolute: tasks do not run in this folder.
+
+    (--out is made absolute: it is not part of the output's bytes; the source root and the RAFT
+    weights are recorded in the manifest as given.)
+    """
+    named = {"--root": disc.root, "--mask-root": cfg.mask_root}
+    if cfg.flow_weights not in (None, "none"):
+        named["--flow-weights"] = cfg.flow_weights
+    for flag, path in named.items():
+        if path and not os.path.isabs(path):
+            raise BuildError(
+                f"{flag} {path} is a relative path: on a Ray cluster the tasks run in other "
+                "working folders; give an absolute path (on a filesystem every node mounts at "
+                "the same path)"
+            )
+
+
+def _probe_inputs(disc: Discovery) -> list[str]:
+    """A few source files (of the first and last track) every node must read the same."""
+    picks = disc.tracks[:1] + disc.tracks[-1:] if disc.tracks else []
+    return sorted({t.frame_path(0) if t.kind == "images" and t.names else t.dir for t in picks})
+
+
+def _ray_client() -> bool:
+    """Whether this driver talks to the cluster through Ray Client (``ray://``)."""
+    from ray.util.client import ray as client
+
+    return client.is_connected()
+
+
 def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
     """Run a whole build; returns the summary (also written to OUT/summary.json)."""
     rt = rt or Runtime()
@@ -252,6 +306,10 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
     lap("discover")
     with ray_session(rt.address, rt.workers) as res:
         lap("ray_start")
+        if res["cluster"]:  # tasks run in other working folders, maybe on other machines
+            _check_cluster_paths(cfg, disc)
+            out = out.absolute()
+            work, cache = out / ".work", out / CACHE
         backend = fl.resolve_backend(cfg.flow, res["gpus"])
         _check_resources(cfg, rt, res, backend)
         raft = None
@@ -273,6 +331,8 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
             if rt.drop_cache:
                 shutil.rmtree(cache, ignore_errors=True)
             return json.loads((out / "summary.json").read_text())
+        if res["cluster"] and (res["nodes"] > 1 or _ray_client()):
+            check_shared_folder(out, _probe_inputs(disc))
         spec = fr.FrameSpec(cfg.size, flow_size, fr.parse_bg(cfg.bg))
         opts = TrackOptions(spec, cfg.keep_mask, cfg.keep_flow, backend, flow_id)
 
@@ -385,4 +445,15 @@ def _write_shards(
         for (split, n), info in _bounded(submit, todo, limit):
             infos[(split, n)] = info
             bar.update(1)
+    _remove_stale_temps(out, {split for split, _ in plan.shard_ids})
     return infos
+
+
+def _remove_stale_temps(out: Path, splits: set[str]) -> None:
+    """Remove shard temp files left by a task whose worker or node died while writing.
+
+    Every shard is committed by now; a retried task wrote its shard under another temp name.
+    """
+    for split in splits:
+        for tmp in (out / split).glob(f".{split}-*.tar.*.tmp"):
+            tmp.unlink(missing_ok=True)
