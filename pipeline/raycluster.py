@@ -18,7 +18,8 @@ from pipeline.config import BuildError
 
 PROBE_BYTES = 64  # what a node reads of each file it is asked to check
 CHECK_TIMEOUT_S = 120.0  # how long a node may take to answer the shared-folder check
-CONNECT_TIMEOUT_S = 10.0  # a cluster address that does not answer a TCP connection in this time
+CONNECT_TIMEOUT_S = 10.0
+NODE_DEATH_S = 45.0  # how long a node whose check task failed may take to be declared dead  # a cluster address that does not answer a TCP connection in this time
 TOKEN_HELP = (
     "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, or in a file named by "
     "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token"
@@ -207,9 +208,11 @@ def unseen_on_nodes(
 
     paths = list(expected)
     refs: dict = {}
+    ids: dict = {}
     for node in work_nodes():
         pin = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-        refs[_look.options(scheduling_strategy=pin).remote(paths)] = node_label(node)
+        ref = _look.options(scheduling_strategy=pin).remote(paths)
+        refs[ref], ids[ref] = node_label(node), node["NodeID"]
     if not refs:
         return {}
     done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
@@ -222,11 +225,23 @@ def unseen_on_nodes(
         try:
             seen = ray.get(ref)
         except ray.exceptions.RayError:  # the node died or could not run the check
+            if _leaves(ids[ref]):
+                continue  # a node that died, not yet declared dead by Ray: it will get no work
             seen = [None] * len(paths)
         missing = [p for p, got in zip(paths, seen, strict=True) if got != expected[p]]
         if missing:
             unseen[refs[ref]] = missing
     return unseen
+
+
+def _leaves(node_id: str, wait_s: float = NODE_DEATH_S) -> bool:
+    """Whether the node is (or within `wait_s` is declared) dead by the cluster."""
+    deadline = time.monotonic() + wait_s
+    while node_id in {n["NodeID"] for n in work_nodes()}:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 def check_shared_folder(out: Path, inputs: Sequence[str] = ()) -> None:
