@@ -11,8 +11,6 @@ last step is evaluated (or at once with ``--once``). The trainer knows nothing o
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -107,15 +105,9 @@ def evaluate_step(run: Path, step: int, shards: str, splits: list[str], args) ->
             "sampler": {"steps": args.steps, "eta": 0.0, "ema": True, "seed": args.seed},
             "eval_wall_s": time.perf_counter() - t0,
         }
-        written.append(_write_json(eval_path(run, step, split, args.extractor), record))
+        path = eval_path(run, step, split, args.extractor)
+        metrics.write_json(path, record)
+        written.append(path)
         print(f"step {step} {split}: {result['metric_name']} {result['fid']:.3f}",
               file=sys.stderr)  # fmt: skip
     return written
-
-
-def _write_json(path: Path, record: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
