@@ -1,4 +1,4 @@
-"""``python -m eval``: sample, fid, watch, report."""
+"""``python -m eval``: sample, fid, watch, report, study."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from shards_spec import SpecError
 
-from . import metrics, report, sample, watch
+from . import metrics, report, sample, study, watch
 from .runs import RunError
 
 
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="Table 1, equal-budget comparisons and plots for runs")
     report.add_arguments(rep)
     rep.set_defaults(func=report.run)
+    stu = sub.add_parser("study", help="a grid of runs from a study file: train, evaluate, report")
+    study.add_arguments(stu)
+    stu.set_defaults(func=study.run)
     return parser
 
 

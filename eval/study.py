@@ -1,0 +1,436 @@
+"""``python -m eval study STUDY.toml --out DIR``: a grid of training runs, evaluated and reported.
+
+A study names one build (or the ``pipeline`` commands that make it), a budget per cell in
+*images processed* (a window method pushes K frames per window, so its cells take fewer steps),
+the evaluation points, and a grid of cells (a method and its options), each run once per seed.
+Every (cell, seed) is a ``python -m train`` run in ``DIR/runs/{cell}-s{seed}/``, evaluated at
+its checkpoints by ``python -m eval watch``; then ``eval report`` writes ``DIR/report/`` and
+`eval/study_results.py` writes ``DIR/results.md`` and ``DIR/results.json``.
+
+Resumable cell by cell: ``DIR/runs/X/cell.json`` records the plan a cell was run with and
+whether it finished; a finished cell with the same plan is never rerun, and an unfinished one
+continues from its newest checkpoint (the trainer's resume). Cells run one after another, or
+``--jobs N`` at a time (``--devices cuda:0,cuda:1``: one device per running cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shards_spec import SpecError, open_build
+from train import checkpoint
+from train.options import WINDOW_METHODS
+
+from .plots import duration
+from .runs import RunError
+
+CELL_FILE = "cell.json"
+RUNS_DIR = "runs"
+# set by the runner for every cell; a study that sets them is refused
+_RESERVED = "shards out seed max_steps epochs resume ckpt_every keep val_every diag_every device"
+RESERVED = frozenset([*_RESERVED.split(), "progress", "no_progress"])
+EVAL_DEFAULTS = {
+    "val_points": 20,  # validation-loss points per cell (fixed t and eps)
+    "diag_points": 5,  # gradient-variance estimates per cell
+    "points": 4,  # checkpoints sampled and scored per cell
+    "samples": 256,
+    "ddim_steps": 25,
+    "extractor": "offline",
+    "n_ref": 2048,
+    "splits": ["train", "val"],
+    "batch": 64,
+}
+
+
+class StudyError(RunError):
+    """A study file or folder that cannot be run (one-line message)."""
+
+
+@dataclass
+class Cell:
+    """One grid cell at one seed: a training run and its evaluations."""
+
+    name: str
+    seed: int
+    method: str
+    options: dict[str, Any]  # python -m train options, without the runner's own
+    run: Path
+    images: int  # the cell's budget: images processed
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} seed {self.seed}"
+
+
+@dataclass
+class Study:
+    """A parsed study file."""
+
+    path: Path
+    name: str
+    build: Path
+    pipeline: list[list[str]]
+    images: int
+    evaluation: dict[str, Any]
+    train: dict[str, Any]
+    seeds: list[int]
+    grid: list[dict[str, Any]]
+    questions: dict[str, Any]
+
+
+def _need(table: dict, key: str, kind: type | tuple, where: str) -> Any:
+    if key not in table:
+        raise StudyError(f"{where}: missing {key!r}")
+    value = table[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise StudyError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _toml():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise StudyError(
+                "reading a study file needs Python 3.11+ or `pip install tomli`"
+            ) from None
+    return tomllib
+
+
+def load_study(path: Path | str, out: Path | str) -> Study:
+    """Parse and check a study file; the build path is relative to ``out``."""
+    path, out, tomllib = Path(path), Path(out), _toml()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudyError(f"{path}: no such study file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise StudyError(f"{path}: not a readable TOML file ({exc})") from None
+    where = str(path)
+    build = _need(data, "build", dict, where)
+    budget = _need(data, "budget", dict, where)
+    images = _need(budget, "images", int, f"{where} [budget]")
+    if images <= 0:
+        raise StudyError(f"{where} [budget]: images must be positive")
+    evaluation = {**EVAL_DEFAULTS, **data.get("evaluation", {})}
+    unknown = set(evaluation) - set(EVAL_DEFAULTS)
+    if unknown:
+        raise StudyError(f"{where} [evaluation]: unknown keys {sorted(unknown)}")
+    for key in ("val_points", "diag_points", "points", "samples", "ddim_steps", "n_ref"):
+        if not isinstance(evaluation[key], int) or evaluation[key] < 0:
+            raise StudyError(f"{where} [evaluation]: {key} must be a non-negative integer")
+    train = dict(data.get("train", {}))
+    seeds = train.pop("seeds", [0])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise StudyError(f"{where} [train]: seeds must be a list of integers")
+    grid = data.get("cell", [])
+    if not isinstance(grid, list) or not grid:
+        raise StudyError(f"{where}: no [[cell]] tables")
+    names = set()
+    for i, cell in enumerate(grid):
+        cw = f"{where} [[cell]] #{i + 1}"
+        name = _need(cell, "name", str, cw)
+        _need(cell, "method", str, cw)
+        if "images" in cell and (not isinstance(cell["images"], int) or cell["images"] <= 0):
+            raise StudyError(f"{cw}: images must be a positive integer")
+        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise StudyError(f"{cw}: name {name!r} is repeated or not a plain folder name")
+        names.add(name)
+        clash = (set(cell) | set(train)) & RESERVED
+        if clash:
+            raise StudyError(f"{cw}: {sorted(clash)} are set by the study runner")
+    pipeline = build.get("pipeline", [])
+    if not all(isinstance(c, list) and all(isinstance(a, str) for a in c) for c in pipeline):
+        raise StudyError(f"{where} [build]: pipeline must be a list of argument lists")
+    return Study(
+        path=path,
+        name=str(data.get("name", path.stem)),
+        build=out / _need(build, "path", str, f"{where} [build]"),
+        pipeline=pipeline,
+        images=images,
+        evaluation=evaluation,
+        train=train,
+        seeds=list(seeds),
+        grid=grid,
+        questions=dict(data.get("questions", {})),
+    )
+
+
+def ensure_build(study: Study, out: Path) -> dict[str, Any]:
+    """The build's manifest, after running the study's pipeline commands if it is missing."""
+    if not (study.build / "dataset.json").is_file():
+        if not study.pipeline:
+            raise StudyError(f"{study.build} is not a build and the study has no pipeline commands")
+        for argv in study.pipeline:
+            cmd = [sys.executable, "-m", "pipeline", *argv]
+            print(f"study: {' '.join(cmd[1:])}  (in {out})", file=sys.stderr)
+            code = subprocess.call(cmd, cwd=out)
+            if code:
+                raise StudyError(f"pipeline {argv[0]} failed (exit code {code}); see above")
+    try:
+        return open_build(study.build).manifest
+    except (SpecError, OSError, ValueError) as exc:
+        raise StudyError(f"{study.build}: {exc}") from None
+
+
+def expand(study: Study, out: Path) -> list[Cell]:
+    """The (cell, seed) runs, seed by seed, so a study stopped early has every cell's first seed."""
+    return [
+        Cell(
+            name=c["name"],
+            seed=seed,
+            method=c["method"],
+            options={**study.train, **{k: v for k, v in c.items() if k not in ("name", "images")}},
+            run=out / RUNS_DIR / f"{c['name']}-s{seed}",
+            images=c.get("images", study.images),
+        )
+        for seed in study.seeds
+        for c in study.grid
+    ]
+
+
+def images_per_step(options: dict[str, Any], window: int) -> int:
+    """Images one optimizer step processes: batch windows x K, or batch frames."""
+    batch = options.get("batch")
+    if not isinstance(batch, int) or batch <= 0:
+        raise StudyError(f"cell {options.get('method')}: set a positive integer batch")
+    return batch * (window if options["method"] in WINDOW_METHODS else 1)
+
+
+def plan(cell: Cell, study: Study, window: int) -> dict[str, Any]:
+    """Steps and logging intervals that spend the cell's image budget in evenly spaced points.
+
+    The step count is rounded up to a multiple of the evaluation points, so every point is a
+    checkpoint step; the images actually processed are recorded.
+    """
+    ev = study.evaluation
+    per = images_per_step(cell.options, window)
+    points = max(1, ev["points"])
+    every = max(1, math.ceil(cell.images / per / points))
+    steps = every * points
+
+    def interval(n: int) -> int:
+        return 0 if n <= 0 else max(1, steps // n)
+
+    return {
+        "steps": steps,
+        "images": steps * per,
+        "images_per_step": per,
+        "ckpt_every": every,
+        "val_every": interval(ev["val_points"]),
+        "diag_every": interval(ev["diag_points"]),
+        # every checkpoint the validation points may save stays until the cell is evaluated
+        "keep": points + ev["val_points"] + 2,
+    }
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    name = "--" + ("lambda" if key in ("lam", "lambda") else key.replace("_", "-"))
+    if value is True:
+        return [name]
+    if value is False or value is None:
+        return []
+    return [name, str(value)]
+
+
+def train_argv(cell: Cell, study: Study, progress: bool, device: str | None) -> list[str]:
+    """The ``python -m train`` command of a cell."""
+    p = cell.plan
+    argv = [sys.executable, "-m", "train", "--shards", str(study.build), "--out", str(cell.run)]
+    argv += ["--seed", str(cell.seed), "--max-steps", str(p["steps"])]
+    for key in ("ckpt_every", "val_every", "diag_every", "keep"):
+        argv += _flag(key, p[key])
+    for key, value in cell.options.items():
+        argv += _flag(key, value)
+    if not progress:
+        argv.append("--no-progress")
+    if device:
+        argv += ["--device", device]
+    return argv
+
+
+def watch_argv(cell: Cell, study: Study, device: str | None) -> list[str]:
+    """The ``python -m eval watch`` command that scores a cell's evaluation points."""
+    ev = study.evaluation
+    argv = [sys.executable, "-m", "eval", "watch", str(cell.run), "--all", "--once"]
+    argv += ["--every", str(cell.plan["ckpt_every"]), "--n", str(ev["samples"])]
+    argv += ["--steps", str(ev["ddim_steps"]), "--extractor", str(ev["extractor"])]
+    argv += ["--n-ref", str(ev["n_ref"]), "--splits", ",".join(ev["splits"])]
+    argv += ["--batch", str(ev["batch"])]
+    if device:
+        argv += ["--device", device]
+    return argv
+
+
+def read_cell(run: Path) -> dict[str, Any]:
+    """A cell's status record ({} when it was never started or the file is damaged)."""
+    try:
+        record = json.loads((run / CELL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def write_cell(run: Path, record: dict[str, Any]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / f".{CELL_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, run / CELL_FILE)
+
+
+def prune(cell: Cell) -> None:
+    """Delete the checkpoints that are not evaluation points, the best or the last."""
+    saved = checkpoint.steps_saved(cell.run)
+    if not saved:
+        return
+    keep = {saved[-1], checkpoint.best_step(cell.run)}
+    every = cell.plan["ckpt_every"]
+    for step in saved:
+        if step not in keep and step % every:
+            checkpoint.path_for(cell.run, step).unlink(missing_ok=True)
+
+
+def run_cell(
+    cell: Cell, study: Study, progress: bool, device: str | None, say
+) -> tuple[str, float]:
+    """Train and evaluate one cell unless it is finished; ('done'|'skipped'|'failed ...', s)."""
+    record = read_cell(cell.run)
+    identity = {"plan": cell.plan, "options": cell.options, "seed": cell.seed}
+    if record.get("done") and record.get("identity") == identity:
+        return "skipped", 0.0
+    t0 = time.perf_counter()
+    if record.get("identity") not in (None, identity):
+        say(f"{cell.label}: the study changed since this cell ran; it continues with the new plan")
+    write_cell(cell.run, {"done": False, "identity": identity, "started": time.time()})
+    stages = (
+        ("train", train_argv(cell, study, progress, device)),
+        ("evaluate", watch_argv(cell, study, device)),
+    )
+    for stage, argv in stages:
+        say(f"{cell.label}: {stage} ({cell.plan['steps']} steps, {cell.plan['images']} images)")
+        code = subprocess.call(argv)
+        if code:
+            why = f"failed: {stage} exit code {code}"
+            write_cell(cell.run, {"done": False, "identity": identity, "error": why})
+            return why, time.perf_counter() - t0
+    prune(cell)
+    spent = time.perf_counter() - t0
+    write_cell(cell.run, {"done": True, "identity": identity, "seconds": spent})
+    return "done", spent
+
+
+def run_study(
+    study_file: Path, out: Path, jobs: int = 1, devices: list[str] | None = None,
+    progress: bool = True, report: bool = True,
+) -> int:  # fmt: skip
+    """Run every unfinished cell, then the report and the results; exit code 0 or 1."""
+    out.mkdir(parents=True, exist_ok=True)
+    study = load_study(study_file, out)
+    manifest = ensure_build(study, out)
+    window = int(manifest["window"])
+    cells = expand(study, out)
+    for cell in cells:
+        cell.plan = plan(cell, study, window)
+    (out / "study.toml").write_text(study.path.read_text(encoding="utf-8"), encoding="utf-8")
+    lock, state = threading.Lock(), {"done": 0, "spent": 0.0, "ran": 0}
+    failed: list[str] = []
+    total = len(cells)
+    t_start = time.perf_counter()
+
+    def say(text: str) -> None:
+        with lock:
+            print(f"study [{state['done']}/{total}] {text}", file=sys.stderr, flush=True)
+
+    devices = devices or []
+    jobs = max(1, len(devices) or jobs)
+    free = list(devices)
+
+    def one(cell: Cell) -> None:
+        with lock:
+            device = free.pop(0) if free else None
+        try:
+            status, spent = run_cell(cell, study, progress and jobs == 1, device, say)
+        finally:
+            if device:
+                with lock:
+                    free.append(device)
+        with lock:
+            state["done"] += 1
+            if status == "done":
+                state["spent"] += spent
+                state["ran"] += 1
+            elif status != "skipped":
+                failed.append(f"{cell.label}: {status}")
+            left = total - state["done"]
+            eta = ""
+            if state["ran"] and left:
+                eta = f", about {duration(state['spent'] / state['ran'] * left / jobs)} left"
+            took = f" in {duration(spent)}" if spent else ""
+            pct = 100 * state["done"] // total
+            print(f"study [{state['done']}/{total}] {cell.label}: {status}{took} ({pct}%{eta})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    if jobs == 1:
+        for cell in cells:
+            one(cell)
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(one, cells))
+    print(f"study: {total} cells in {duration(time.perf_counter() - t_start)}", file=sys.stderr)
+    if report:
+        write_reports(study, cells, out)
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_reports(study: Study, cells: list[Cell], out: Path) -> None:
+    """``eval report`` over every cell that has a run folder, and the study's results."""
+    from . import report, study_results
+
+    runs = [c.run for c in cells if (c.run / "config.json").is_file()]
+    if not runs:
+        print("study: no cell has a run yet; no report", file=sys.stderr)
+        return
+    path = report.make_report(runs, out / "report")
+    results = study_results.write(study, cells, out)
+    print(f"study: {path}\nstudy: {results}", file=sys.stderr)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", type=Path, help="the study file (TOML)")
+    p.add_argument("--out", type=Path, required=True, help="study folder (build, runs, report)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    p.add_argument("--devices", help="one device per running cell, e.g. cuda:0,cuda:1")
+    p.add_argument("--no-progress", action="store_true", help="no per-cell tqdm bar")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report")
+
+
+def run(args: argparse.Namespace) -> int:
+    devices = [d for d in (args.devices or "").split(",") if d]
+    if args.report_only:
+        study = load_study(args.study, args.out)
+        window = int(ensure_build(study, args.out)["window"])
+        cells = expand(study, args.out)
+        for cell in cells:
+            cell.plan = plan(cell, study, window)
+        write_reports(study, cells, args.out)
+        return 0
+    return run_study(
+        args.study, args.out, jobs=args.jobs, devices=devices, progress=not args.no_progress
+    )

@@ -1,0 +1,433 @@
+"""A study's answers in numbers: ``DIR/results.md``, ``DIR/results.json`` and ``DIR/study-*.png``.
+
+Everything here is read from the cells' run folders (metrics.jsonl, evals/) and is measured,
+never interpolated: a run "reaches" a level at its first validation point at or below it, so a
+reach is resolved to the validation interval (the study's ``val_points`` per budget).
+
+The study's ``[questions]`` table names the cells the comparisons use::
+
+    baseline = "iid"              # the paper's baseline
+    step_matched = "iid-matched"  # iid with K x the window batch: same steps and frames per step
+    method = "flow"               # the method under test
+    adjacent = "adjacent"         # the same regulariser with w = 1
+    seq = "seq"                   # ordered windows, independent noise, no regulariser
+    lambdas = ["flow-lam0.1", "flow", "flow-lam10"]
+
+Cells it does not name are still in the per-cell table; a name that is not a cell is reported as
+missing rather than failing the study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from . import plots
+from .plots import fmt_axis, mean_std, table
+from .report import Run, Variant, load_run
+
+AXES = ("epochs", "images", "wall")
+LEVEL_FRACTIONS = (0.25, 0.5, 1.0)  # the baseline's val loss at these fractions of its points
+KEY = "val_loss_ema"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def val_points(run: Run) -> list[dict[str, Any]]:
+    """The run's validation records with a value, in step order."""
+    return [p for p in run.kind("val") if _finite(p.get(KEY))]
+
+
+def reach(run: Run, level: float, axis: str) -> float | None:
+    """Where the run first measured a validation loss at or below `level` (None: never)."""
+    for p in val_points(run):
+        if p[KEY] <= level:
+            return run.x(p, axis)
+    return None
+
+
+def levels(baseline: list[Run]) -> list[tuple[str, float]]:
+    """Target losses: the baseline's mean val loss at fractions of its validation points."""
+    curves = [val_points(r) for r in baseline]
+    n = min((len(c) for c in curves), default=0)
+    out = []
+    for frac in LEVEL_FRACTIONS:
+        if n == 0:
+            break
+        i = max(0, round(frac * n) - 1)
+        value = statistics.fmean(c[i][KEY] for c in curves)
+        out.append((f"baseline at {frac:.0%} of its budget", value))
+    return out
+
+
+def speedup(base: list[Run], other: list[Run], level: float, axis: str) -> dict[str, Any]:
+    """How much sooner `other` reaches `level` than `base` on `axis`: ratio of mean positions.
+
+    ``pairs`` are the ratios of every (baseline seed, other seed) pair, the spread shown.
+    A side that never reaches the level gives ``None`` (the budget is a bound, named as such).
+    """
+    xb = [reach(r, level, axis) for r in base]
+    xo = [reach(r, level, axis) for r in other]
+    out: dict[str, Any] = {"base_x": xb, "other_x": xo, "ratio": None, "pairs": []}
+    if xb and xo and all(x is not None for x in xb + xo) and all(x > 0 for x in xo):
+        out["ratio"] = statistics.fmean(xb) / statistics.fmean(xo)
+        out["pairs"] = [b / o for b, o in product(xb, xo)]
+    return out
+
+
+def fmt_speedup(s: dict[str, Any], axis: str) -> str:
+    """``2.10x (1.9–2.3)`` or why there is no ratio."""
+    if s["ratio"] is None:
+        miss = ["baseline" if None in s["base_x"] else "", "method" if None in s["other_x"] else ""]
+        who = " and ".join(m for m in miss if m) or "—"
+        return f"not reached by {who}" if who != "—" else "—"
+    lo, hi = min(s["pairs"]), max(s["pairs"])
+    xs = ", ".join(fmt_axis(x, axis) for x in s["other_x"])
+    return f"{s['ratio']:.2f}x ({lo:.2f}–{hi:.2f}; at {xs})"
+
+
+def final_val(run: Run) -> float | None:
+    pts = val_points(run)
+    return pts[-1][KEY] if pts else None
+
+
+def fd_points(run: Run, extractor: str, split: str = "val") -> list[dict[str, Any]]:
+    return run.fid_points(extractor, split)
+
+
+def final_eval(run: Run, extractor: str, key: str) -> float | None:
+    pts = fd_points(run, extractor)
+    return pts[-1].get(key) if pts and _finite(pts[-1].get(key)) else None
+
+
+def step_records(run: Run) -> list[dict[str, Any]]:
+    return run.kind(None)
+
+
+def reg_ratio_records(run: Run) -> list[dict[str, Any]]:
+    """Per-step records with ``reg_ratio`` = reg / denoise and ``reg_share`` = lam*reg/loss."""
+    lam = run.config.get("lam") or 0.0
+    out = []
+    for r in step_records(run):
+        reg, den, loss = r.get("reg"), r.get("denoise"), r.get("loss")
+        if _finite(reg) and _finite(den) and den > 0 and _finite(loss) and loss > 0:
+            out.append({**r, "reg_ratio": reg / den, "reg_share": lam * reg / loss})
+    return out
+
+
+def tail_mean(records: list[dict[str, Any]], key: str, frac: float = 0.25) -> float | None:
+    """Mean of `key` over the last `frac` of the records."""
+    vals = [r[key] for r in records if _finite(r.get(key))]
+    if not vals:
+        return None
+    return statistics.fmean(vals[-max(1, int(len(vals) * frac)) :])
+
+
+def grad_var_mean(run: Run) -> float | None:
+    return _mean([d["grad_var"] for d in run.kind("diag") if _finite(d.get("grad_var"))])
+
+
+# --- the cells ---------------------------------------------------------------------------------
+
+
+def load_cells(cells) -> dict[str, list[Run]]:
+    """Cell name -> its seeds' runs (those with a run folder)."""
+    out: dict[str, list[Run]] = {}
+    for cell in cells:
+        if (cell.run / "config.json").is_file():
+            out.setdefault(cell.name, []).append(load_run(cell.run))
+        else:
+            out.setdefault(cell.name, [])
+    return out
+
+
+def variants(by_cell: dict[str, list[Run]], names: list[str]) -> list[Variant]:
+    """Plot variants for named cells (label = cell name), in the given order."""
+    out = []
+    for i, name in enumerate(n for n in names if by_cell.get(n)):
+        out.append(Variant((), by_cell[name], label=name, color=f"C{i % 10}"))
+    return out
+
+
+def cell_table(study, by_cell: dict[str, list[Run]], extractor: str) -> list[str]:
+    """One row per cell: what it ran and where it ended, mean ± std over seeds."""
+    header = ["cell", "method", "seeds", "steps", "images", "epochs", "wall-clock",
+              "val loss (EMA)", f"{extractor} FD val", "precision", "recall", "evaluations"]  # fmt: skip
+    rows = []
+    for c in study.grid:
+        runs = by_cell.get(c["name"], [])
+        n = len(study.seeds)
+        last = [step_records(r)[-1] if step_records(r) else None for r in runs]
+        where = []
+        for axis in ("steps", "images", "epochs", "wall"):
+            xs = [r.x(rec, axis) for r, rec in zip(runs, last, strict=True) if rec]
+            where.append(fmt_axis(_mean(xs), axis) if xs and axis != "steps" else str(xs[0]) if xs else "—")  # fmt: skip
+        evals = [len(fd_points(r, extractor)) for r in runs]
+        missing = "missing" if not runs or not any(evals) else f"{min(evals)}–{max(evals)} points"
+        rows.append([
+            c["name"], c["method"], f"{len(runs)}/{n}", *where,
+            mean_std([final_val(r) for r in runs], n, 4),
+            mean_std([final_eval(r, extractor, "fid") for r in runs], n),
+            mean_std([final_eval(r, extractor, "precision") for r in runs], n),
+            mean_std([final_eval(r, extractor, "recall") for r in runs], n),
+            missing,
+        ])  # fmt: skip
+    return table(header, rows)
+
+
+def fd_curve_table(names: list[str], by_cell: dict[str, list[Run]], extractor: str) -> list[str]:
+    """The Frechet distance (val) at each evaluation point, per cell (mean ± std over seeds)."""
+    steps = sorted({p["step"] for n in names for r in by_cell.get(n, []) for p in fd_points(r, extractor)})  # fmt: skip
+    if not steps:
+        return ["No evaluation points."]
+    rows = []
+    npoints = max(len(fd_points(r, extractor)) for n in names for r in by_cell.get(n, [])) or 1
+    for name in names:
+        runs = by_cell.get(name, [])
+        cols = []
+        for k in range(npoints):
+            vals = [
+                pts[k]["fid"] if len(pts := fd_points(r, extractor)) > k else None for r in runs
+            ]
+            cols.append(mean_std(vals, len(runs)))
+        rows.append([name, *cols])
+    header = ["cell", *[f"point {k + 1}/{npoints}" for k in range(npoints)]]
+    return table(header, rows)
+
+
+# --- the answers -------------------------------------------------------------------------------
+
+
+def speed_section(q: dict, by_cell, results: dict) -> list[str]:
+    base = by_cell.get(q.get("baseline", ""), [])
+    lines = ["## Q1, Q2: how much sooner than the baseline does each cell reach its loss?", ""]
+    if not base or not val_points(base[0]):
+        return [*lines, "*Cannot tell: the baseline cell has no validation points.*", ""]
+    lv = levels(base)
+    lines += [
+        f"Levels: the baseline (`{q['baseline']}`) cell's mean EMA validation loss at 25%, 50% "
+        "and 100% of its budget. Each entry: (baseline position) / (cell position) at the first "
+        "validation point at or below the level, as the ratio of seed means, the range over "
+        "seed pairs, and the cell's positions. > 1: the cell is faster.",
+        "",
+    ]
+    others = [n for n in by_cell if n != q["baseline"] and by_cell[n]]
+    results["levels"] = [v for _, v in lv]
+    results["speedup"] = {}
+    for axis in AXES:
+        header = ["cell", *[f"{name} ({value:.4f})" for name, value in lv]]
+        rows = []
+        for name in others:
+            cells = []
+            for _, value in lv:
+                s = speedup(base, by_cell[name], value, axis)
+                results["speedup"].setdefault(name, {}).setdefault(axis, []).append(s)
+                cells.append(fmt_speedup(s, axis))
+            rows.append([name, *cells])
+        lines += [f"### Speed-up at equal {axis}", "", *table(header, rows), ""]
+    return lines
+
+
+def ablation_section(q: dict, by_cell, extractor: str, results: dict) -> list[str]:
+    names = [q.get(k) for k in ("baseline", "seq", "adjacent", "method", "step_matched")]
+    names = [n for n in names if n]
+    lines = ["## Q3: flow against adjacent (w = 1) and seq (ordered, no regulariser)", ""]
+    header = ["cell", "final val loss (EMA)", "min val loss (EMA)", f"{extractor} FD val (last)"]
+    rows, res = [], {}
+    for name in names:
+        runs = by_cell.get(name, [])
+        n = max(1, len(runs))
+        mins = [min(p[KEY] for p in vp) if (vp := val_points(r)) else None for r in runs]
+        finals = [final_val(r) for r in runs]
+        fds = [final_eval(r, extractor, "fid") for r in runs]
+        res[name] = {"final_val": finals, "min_val": mins, "fd_val": fds}
+        rows.append([name, mean_std(finals, n, 4), mean_std(mins, n, 4), mean_std(fds, n)])
+    results["ablation"] = res
+    lines += ["At the end of the equal image budget.", "", *table(header, rows), ""]
+    lines += ["Frechet distance (offline extractor, not FID) at each evaluation point:", ""]
+    lines += [*fd_curve_table(names, by_cell, extractor), ""]
+    return lines
+
+
+def gradient_section(q: dict, by_cell, results: dict) -> list[str]:
+    names = [q.get("baseline"), q.get("step_matched"), q.get("seq"), q.get("adjacent")]
+    names += list(q.get("lambdas", [])) or [q.get("method")]
+    names = list(dict.fromkeys(n for n in names if n))
+    lines = ["## Q4: gradient variance, gradient norm and parameter distance", ""]
+    lines += [
+        "grad_var: mean over the diag points of the per-sample gradient variance on the fixed "
+        "probe batch (a sample is a window for window methods, a frame for iid). grad norm: "
+        "mean over the last quarter of steps (before clipping). param distance: L2 from init "
+        "at the last step; per step: divided by the steps taken.",
+        "",
+    ]
+    header = ["cell", "steps", "grad_var (mean)", "grad norm (last 25%)", "param distance",
+              "param distance / step"]  # fmt: skip
+    rows, res = [], {}
+    for name in names:
+        runs = by_cell.get(name, [])
+        n = max(1, len(runs))
+        gv = [grad_var_mean(r) for r in runs]
+        gn = [tail_mean(step_records(r), "grad_norm") for r in runs]
+        last = [step_records(r)[-1] if step_records(r) else {} for r in runs]
+        pd = [rec.get("param_dist") for rec in last]
+        per = [p / rec["step"] if _finite(p) and rec.get("step") else None for p, rec in zip(pd, last, strict=True)]  # fmt: skip
+        steps = sorted({rec.get("step") for rec in last if rec})
+        res[name] = {"grad_var": gv, "grad_norm": gn, "param_dist": pd}
+        rows.append([name, ",".join(map(str, steps)) or "—", mean_std(gv, n), mean_std(gn, n),
+                     mean_std(pd, n), mean_std(per, n)])  # fmt: skip
+    results["gradients"] = res
+    return [*lines, *table(header, rows), ""]
+
+
+def lambda_section(q: dict, by_cell, extractor: str, results: dict) -> list[str]:
+    names = [n for n in q.get("lambdas", []) if n]
+    lines = ["## Q5: sensitivity to lambda, and the size of the regulariser", ""]
+    if not names:
+        return [*lines, "*No lambda cells named.*", ""]
+    lines += [
+        "reg / denoise: the unweighted regulariser over the denoising loss, mean over the first "
+        "and the last quarter of steps; lam x reg / loss: its share of the optimised loss.",
+        "",
+    ]
+    header = ["cell", "lambda", "final val loss (EMA)", f"{extractor} FD val", "reg/denoise (first 25%)",
+              "reg/denoise (last 25%)", "lam x reg / loss (last 25%)"]  # fmt: skip
+    rows, res = [], {}
+    for name in names:
+        runs = by_cell.get(name, [])
+        n = max(1, len(runs))
+        lam = runs[0].config.get("lam") if runs else None
+        recs = [reg_ratio_records(r) for r in runs]
+        first = [_mean([x["reg_ratio"] for x in rr[: max(1, len(rr) // 4)]]) if rr else None for rr in recs]  # fmt: skip
+        lastq = [tail_mean(rr, "reg_ratio") for rr in recs]
+        share = [tail_mean(rr, "reg_share") for rr in recs]
+        finals = [final_val(r) for r in runs]
+        fds = [final_eval(r, extractor, "fid") for r in runs]
+        res[name] = {"lam": lam, "final_val": finals, "fd_val": fds, "reg_ratio_first": first,
+                     "reg_ratio_last": lastq, "reg_share_last": share}  # fmt: skip
+        rows.append([name, str(lam), mean_std(finals, n, 4), mean_std(fds, n),
+                     mean_std(first, n), mean_std(lastq, n), mean_std(share, n)])  # fmt: skip
+    results["lambda"] = res
+    return [*lines, *table(header, rows), ""]
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _plot_speed(q, by_cell, path: Path) -> bool:
+    vs = variants(by_cell, [q.get("baseline"), q.get("step_matched"), q.get("method")])
+    if not vs:
+        return False
+    fig, axes = plots._figure(3)
+    base = by_cell.get(q.get("baseline"), [])
+    ok = False
+    for ax, axis in zip(axes, AXES, strict=True):
+        ok |= plots._draw(ax, vs, val_points, axis, KEY, f"val loss (EMA) vs {axis}")
+        for _, value in levels(base) if base else []:
+            ax.axhline(value, color="gray", lw=0.7, ls="--")
+    plots._save(fig, path)
+    return ok
+
+
+def _plot_ablation(q, by_cell, extractor: str, path: Path) -> bool:
+    names = [q.get(k) for k in ("baseline", "seq", "adjacent", "method")]
+    vs = variants(by_cell, [n for n in names if n])
+    if not vs:
+        return False
+    fig, (a, b) = plots._figure(2)
+    ok = plots._draw(a, vs, val_points, "images", KEY, "val loss (EMA) vs images")
+    plots._draw(b, vs, lambda r: fd_points(r, extractor), "images", "fid",
+                f"Frechet distance ({extractor} extractor, not FID), val")  # fmt: skip
+    plots._save(fig, path)
+    return ok
+
+
+def _plot_gradients(q, by_cell, path: Path) -> bool:
+    names = [q.get("baseline"), q.get("step_matched"), *q.get("lambdas", [])]
+    vs = variants(by_cell, list(dict.fromkeys(n for n in names if n)))
+    if not vs:
+        return False
+    fig, (a, b, c) = plots._figure(3)
+    ok = plots._draw(a, vs, lambda r: r.kind("diag"), "images", "grad_var",
+                     "per-sample gradient variance (probe)", log=True)  # fmt: skip
+    ok |= plots._draw(b, vs, step_records, "steps", "param_dist", "parameter distance from init")
+    ok |= plots._draw(c, vs, step_records, "steps", "grad_norm", "gradient norm (before clip)")
+    plots._save(fig, path)
+    return ok
+
+
+def _plot_lambda(q, by_cell, path: Path) -> bool:
+    vs = variants(by_cell, list(q.get("lambdas", [])))
+    if not vs:
+        return False
+    fig, (a, b) = plots._figure(2)
+    ok = plots._draw(a, vs, reg_ratio_records, "steps", "reg_share",
+                     "lam x reg / loss (share of the objective)", log=True)  # fmt: skip
+    ok |= plots._draw(b, vs, val_points, "images", KEY, "val loss (EMA) vs images")
+    plots._save(fig, path)
+    return ok
+
+
+# --- entry -------------------------------------------------------------------------------------
+
+
+def write(study, cells, out: Path) -> Path:
+    """Write results.md, results.json and the study plots into `out`; return results.md."""
+    out = Path(out)
+    extractor = study.evaluation["extractor"]
+    by_cell = load_cells(cells)
+    q = study.questions
+    results: dict[str, Any] = {"study": study.name, "budget_images": study.images}
+    lines = [f"# Study `{study.name}`: results", ""]
+    lines += [
+        f"Budget per cell: {study.images} images processed; seeds {study.seeds}. Frechet "
+        f"distances use the {extractor} extractor"
+        + (" (a fixed small network: not FID)." if extractor == "offline" else ".")
+        + " Full tables and plots: [report/report.md](report/report.md).",
+        "",
+        "## Cells",
+        "",
+        *cell_table(study, by_cell, extractor),
+        "",
+    ]
+    missing = [c.label for c in cells if not (c.run / "evals").is_dir() or not any((c.run / "evals").glob("*.json"))]  # fmt: skip
+    if missing:
+        lines += ["Cells without evaluation points (missing): " + ", ".join(missing), ""]
+    results["missing_evaluations"] = missing
+    if q:
+        lines += speed_section(q, by_cell, results)
+        lines += ablation_section(q, by_cell, extractor, results)
+        lines += gradient_section(q, by_cell, results)
+        lines += lambda_section(q, by_cell, extractor, results)
+        figures = (
+            ("study-speed.png", _plot_speed(q, by_cell, out / "study-speed.png"),
+             "Q1-Q2: EMA validation loss of baseline, step-matched control and method against "
+             "epochs, images and wall-clock; dashed: the levels."),
+            ("study-ablation.png", _plot_ablation(q, by_cell, extractor, out / "study-ablation.png"),
+             "Q3: validation loss and Frechet distance of iid, seq, adjacent and flow."),
+            ("study-gradients.png", _plot_gradients(q, by_cell, out / "study-gradients.png"),
+             "Q4: gradient variance, parameter distance and gradient norm."),
+            ("study-lambda.png", _plot_lambda(q, by_cell, out / "study-lambda.png"),
+             "Q5: the regulariser's share of the loss and the validation loss per lambda."),
+        )  # fmt: skip
+        lines += ["## Figures", ""]
+        for file, ok, caption in figures:
+            lines += [f"![{caption}]({file})" if ok else f"*Not plotted: {file}.*", "", f"*{caption}*", ""]  # fmt: skip
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, out / "results.json")
+    path = out / "results.md"
+    tmp = out / ".results.md.tmp"
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,176 @@
+"""`python -m eval study`: a two-cell, few-step grid; cells resume, finished ones are skipped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval import study as study_mod
+from eval.__main__ import main as eval_main
+from tests.shardutil import make_build
+
+REPO = Path(__file__).resolve().parent.parent
+
+STUDY = """
+name = "two-cells"
+[build]
+path = "{build}"
+[budget]
+images = {images}
+[evaluation]
+val_points = 2
+diag_points = 1
+points = 2
+samples = 8
+ddim_steps = 3
+n_ref = 8
+batch = 8
+[train]
+preset = "tiny"
+workers = 0
+val_size = 4
+probe_size = 4
+seeds = [0]
+[[cell]]
+name = "flow"
+method = "flow"
+batch = 4
+lambda = 1.0
+[[cell]]
+name = "iid"
+method = "iid"
+batch = 12
+[questions]
+baseline = "iid"
+method = "flow"
+lambdas = ["flow"]
+"""
+
+
+def write_study(folder: Path, build: Path, images: int = 96) -> Path:
+    path = folder / "study.toml"
+    path.write_text(STUDY.format(build=build, images=images))
+    return path
+
+
+def run_study(study: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "eval", "study", str(study), "--out", str(out), "--no-progress"]
+    return subprocess.run(
+        [*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    return make_build(tmp_path_factory.mktemp("study"), n_train=24, n_val=8, size=16, seed=3)
+
+
+def test_two_cell_study_runs_resumes_and_skips(build, tmp_path):
+    """Both cells train the same image budget and are evaluated; a rerun skips them; a cell
+    whose training was cut short continues from its checkpoint; the report lists both."""
+    study, out = write_study(tmp_path, build), tmp_path / "out"
+    first = run_study(study, out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    flow, iid = out / "runs" / "flow-s0", out / "runs" / "iid-s0"
+    for run, steps in ((flow, 8), (iid, 8)):  # 96 images: 8 steps of 4 windows x 3 or 12 frames
+        cell = json.loads((run / "cell.json").read_text())
+        assert cell["done"] is True and cell["identity"]["plan"]["steps"] == steps
+        assert cell["identity"]["plan"]["images"] == 96
+        assert sorted(p.name for p in (run / "evals").iterdir()) == [
+            f"{s:08d}-{split}-offline.json" for s in (4, 8) for split in ("train", "val")
+        ]
+    results = (out / "results.md").read_text()
+    report = (out / "report" / "report.md").read_text()
+    assert "| flow |" in results and "| iid |" in results
+    assert str(flow) in report and str(iid) in report
+    assert "Q1, Q2" in results and "x (" in results  # a speed-up ratio was computed
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (flow / "evals").iterdir()}
+    second = run_study(study, out)
+    assert second.returncode == 0
+    assert second.stderr.count(": skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in (flow / "evals").iterdir()} == mtimes
+
+    # an interrupted cell: not done, its last checkpoint and evaluations gone
+    cell = json.loads((iid / "cell.json").read_text())
+    cell["done"] = False
+    (iid / "cell.json").write_text(json.dumps(cell))
+    for p in [*iid.glob("ckpt-00000008.pt"), *(iid / "evals").glob("00000008-*")]:
+        p.unlink()
+    third = run_study(study, out)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stderr.count(": skipped") == 1
+    records = [json.loads(line) for line in (iid / "metrics.jsonl").read_text().splitlines()]
+    resume = [r for r in records if r.get("kind") == "resume"]
+    assert resume and resume[-1]["step"] == 4  # continued from its checkpoint, not from scratch
+    assert (iid / "evals" / "00000008-val-offline.json").is_file()
+    assert json.loads((iid / "cell.json").read_text())["done"] is True
+
+
+def test_cell_without_evaluations_is_marked_missing(build, tmp_path):
+    """A cell whose evaluation failed is reported as missing, and the study exits 1."""
+    study, out = write_study(tmp_path, build, images=48), tmp_path / "out"
+    text = study.read_text().replace("n_ref = 8", 'n_ref = 8\nsplits = ["nosuchsplit"]')
+    study.write_text(text)
+    result = run_study(study, out)
+    assert result.returncode == 1
+    assert "error: flow seed 0: failed: evaluate" in result.stderr
+    results = (out / "results.md").read_text()
+    assert "without evaluation points (missing): flow seed 0, iid seed 0" in results
+    assert "| flow | flow | 1/1 |" in results and results.count("| missing |") == 2
+    report = (out / "report" / "report.md").read_text()
+    assert "no offline Frechet distance points" in report or "no FID points" in report
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.replace("[budget]\nimages = 96", "[budget]"), "missing 'images'"),
+        (lambda s: s.replace("batch = 12", "batch = 12\nmax_steps = 3"), "set by the study runner"),
+        (lambda s: s.replace('name = "iid"', 'name = "flow"'), "repeated"),
+        (lambda s: s.replace("samples = 8", "samples = 8\nbogus = 1"), "unknown keys"),
+        (lambda s: s + "\n[[[", "not a readable TOML file"),
+    ],
+)
+def test_bad_study_files_are_one_line_errors(build, tmp_path, capsys, edit, message):
+    study = write_study(tmp_path, build)
+    study.write_text(edit(study.read_text()))
+    assert eval_main(["study", str(study), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_plan_spends_the_image_budget_in_whole_evaluation_intervals(build, tmp_path):
+    study = study_mod.load_study(write_study(tmp_path, build, images=100), tmp_path)
+    cells = study_mod.expand(study, tmp_path)
+    plans = {c.name: study_mod.plan(c, study, window=3) for c in cells}
+    # flow: 12 images per step -> ceil(100 / 12 / 2) = 5 steps per point, 10 steps, 120 images
+    assert plans["flow"]["steps"] == 10 and plans["flow"]["images"] == 120
+    assert plans["flow"]["ckpt_every"] == 5 and plans["flow"]["val_every"] == 5
+    assert plans["iid"]["steps"] == 10 and plans["iid"]["images_per_step"] == 12
+    cells[0].plan = plans["flow"]
+    argv = study_mod.train_argv(cells[0], study, progress=False, device=None)
+    assert argv[argv.index("--lambda") + 1] == "1.0" and "--no-progress" in argv
+
+
+@pytest.mark.parametrize("name", ["cpu-mini", "handco-paper", "gpu-64px"])
+def test_shipped_studies_parse_and_plan(tmp_path, name):
+    """The shipped study files parse; every cell's plan spends its budget (the paper's epochs)."""
+    study = study_mod.load_study(REPO / "studies" / f"{name}.toml", tmp_path)
+    cells = study_mod.expand(study, tmp_path)
+    assert len(cells) == len(study.grid) * len(study.seeds)
+    names = {c.name for c in cells}
+    assert set(study.questions.pop("lambdas")) <= names
+    assert set(study.questions.values()) <= names
+    for cell in cells:
+        plan = study_mod.plan(cell, study, window=3)
+        assert cell.images <= plan["images"] < cell.images + plan["images_per_step"] * 10
+    if name == "handco-paper":  # 300 epochs of 25k windows; 500 of 25k frames for iid
+        by = {c.name: study_mod.plan(c, study, window=3) for c in cells}
+        assert by["flow"]["steps"] == pytest.approx(300 * 25_000 / 128, rel=0.01)
+        assert by["iid"]["steps"] == pytest.approx(500 * 25_000 / 256, rel=0.01)
+        assert by["iid-matched"]["steps"] == by["flow"]["steps"]
