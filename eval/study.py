@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,10 +29,11 @@ from typing import Any
 
 from shards_spec import SpecError, open_build
 from train import checkpoint
+from train.objectives import METHODS
 from train.options import WINDOW_METHODS
 
 from .plots import duration
-from .runs import RunError
+from .runs import RunError, read_config
 
 CELL_FILE = "cell.json"
 RUNS_DIR = "runs"
@@ -112,6 +112,91 @@ def _toml():
     return tomllib
 
 
+def _table(data: dict, key: str, where: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise StudyError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
+    evaluation = {**EVAL_DEFAULTS, **_table(data, "evaluation", where)}
+    where = f"{where} [evaluation]"
+    unknown = set(evaluation) - set(EVAL_DEFAULTS)
+    if unknown:
+        raise StudyError(f"{where}: unknown keys {sorted(unknown)}")
+    for key in ("points", "samples", "ddim_steps", "n_ref", "batch"):
+        if not _positive_int(evaluation[key]):
+            raise StudyError(f"{where}: {key} must be a positive integer")
+    for key in ("val_points", "diag_points"):
+        if not _positive_int(evaluation[key]) and evaluation[key] != 0:
+            raise StudyError(f"{where}: {key} must be a non-negative integer")
+    if evaluation["extractor"] not in ("inception", "offline"):
+        raise StudyError(f"{where}: extractor must be 'inception' or 'offline'")
+    splits = evaluation["splits"]
+    if not isinstance(splits, list) or not splits or not all(isinstance(x, str) for x in splits):
+        raise StudyError(f"{where}: splits must be a non-empty list of split names")
+    return evaluation
+
+
+def _check_cells(data: dict, train: dict, where: str) -> list[dict[str, Any]]:
+    grid = data.get("cell", [])
+    if not isinstance(grid, list) or not grid:
+        raise StudyError(f"{where}: no [[cell]] tables")
+    names: set[str] = set()
+    out = []
+    for i, raw in enumerate(grid):
+        cw = f"{where} [[cell]] #{i + 1}"
+        if not isinstance(raw, dict):
+            raise StudyError(f"{cw}: not a table")
+        cell = {k.replace("-", "_"): v for k, v in raw.items()}
+        if len(cell) != len(raw):
+            raise StudyError(f"{cw}: a key is given twice (with - and _)")
+        name = _need(cell, "name", str, cw)
+        cw = f"{where} [[cell]] {name!r}"
+        method = _need(cell, "method", str, cw)
+        if method not in METHODS:
+            raise StudyError(f"{cw}: unknown method {method!r} (one of {', '.join(METHODS)})")
+        if "images" in cell and not _positive_int(cell["images"]):
+            raise StudyError(f"{cw}: images must be a positive integer")
+        if not _positive_int({**train, **cell}.get("batch")):
+            raise StudyError(f"{cw}: set batch to a positive integer (here or in [train])")
+        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise StudyError(f"{cw}: name {name!r} is repeated or not a plain folder name")
+        names.add(name)
+        clash = (set(cell) | set(train)) & RESERVED
+        if clash:
+            raise StudyError(f"{cw}: {sorted(clash)} are set by the study runner")
+        if {"lam", "lambda"} <= set(cell) | set(train):
+            raise StudyError(f"{cw}: give lambda once (lam and lambda are the same option)")
+        out.append(cell)
+    return out
+
+
+ROLES = ("baseline", "step_matched", "method", "adjacent", "seq")
+
+
+def _check_questions(data: dict, names: set[str], where: str) -> dict[str, Any]:
+    questions = _table(data, "questions", where)
+    where = f"{where} [questions]"
+    unknown = set(questions) - {*ROLES, "lambdas"}
+    if unknown:
+        raise StudyError(
+            f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(ROLES)}, lambdas)"
+        )
+    lambdas = questions.get("lambdas", [])
+    if not isinstance(lambdas, list):
+        raise StudyError(f"{where}: lambdas must be a list of cell names")
+    for value in [*(questions.get(r) for r in ROLES if r in questions), *lambdas]:
+        if not isinstance(value, str) or value not in names:
+            raise StudyError(f"{where}: {value!r} is not the name of a [[cell]]")
+    return questions
+
+
 def load_study(path: Path | str, out: Path | str) -> Study:
     """Parse and check a study file; the build path is relative to ``out``."""
     path, out, tomllib = Path(path), Path(out), _toml()
@@ -127,35 +212,20 @@ def load_study(path: Path | str, out: Path | str) -> Study:
     images = _need(budget, "images", int, f"{where} [budget]")
     if images <= 0:
         raise StudyError(f"{where} [budget]: images must be positive")
-    evaluation = {**EVAL_DEFAULTS, **data.get("evaluation", {})}
-    unknown = set(evaluation) - set(EVAL_DEFAULTS)
-    if unknown:
-        raise StudyError(f"{where} [evaluation]: unknown keys {sorted(unknown)}")
-    for key in ("val_points", "diag_points", "points", "samples", "ddim_steps", "n_ref"):
-        if not isinstance(evaluation[key], int) or evaluation[key] < 0:
-            raise StudyError(f"{where} [evaluation]: {key} must be a non-negative integer")
-    train = dict(data.get("train", {}))
+    train = {k.replace("-", "_"): v for k, v in _table(data, "train", where).items()}
     seeds = train.pop("seeds", [0])
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise StudyError(f"{where} [train]: seeds must be a list of integers")
-    grid = data.get("cell", [])
-    if not isinstance(grid, list) or not grid:
-        raise StudyError(f"{where}: no [[cell]] tables")
-    names = set()
-    for i, cell in enumerate(grid):
-        cw = f"{where} [[cell]] #{i + 1}"
-        name = _need(cell, "name", str, cw)
-        _need(cell, "method", str, cw)
-        if "images" in cell and (not isinstance(cell["images"], int) or cell["images"] <= 0):
-            raise StudyError(f"{cw}: images must be a positive integer")
-        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise StudyError(f"{cw}: name {name!r} is repeated or not a plain folder name")
-        names.add(name)
-        clash = (set(cell) | set(train)) & RESERVED
-        if clash:
-            raise StudyError(f"{cw}: {sorted(clash)} are set by the study runner")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise StudyError(f"{where} [train]: seeds must be a list of distinct integers >= 0")
+    grid = _check_cells(data, train, where)
     pipeline = build.get("pipeline", [])
-    if not all(isinstance(c, list) and all(isinstance(a, str) for a in c) for c in pipeline):
+    if not isinstance(pipeline, list) or not all(
+        isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in pipeline
+    ):
         raise StudyError(f"{where} [build]: pipeline must be a list of argument lists")
     return Study(
         path=path,
@@ -163,11 +233,11 @@ def load_study(path: Path | str, out: Path | str) -> Study:
         build=out / _need(build, "path", str, f"{where} [build]"),
         pipeline=pipeline,
         images=images,
-        evaluation=evaluation,
+        evaluation=_check_evaluation(data, where),
         train=train,
         seeds=list(seeds),
         grid=grid,
-        questions=dict(data.get("questions", {})),
+        questions=_check_questions(data, {c["name"] for c in grid}, where),
     )
 
 
@@ -220,22 +290,29 @@ def plan(cell: Cell, study: Study, window: int) -> dict[str, Any]:
     """
     ev = study.evaluation
     per = images_per_step(cell.options, window)
-    points = max(1, ev["points"])
-    every = max(1, math.ceil(cell.images / per / points))
+    points = ev["points"]
+    if cell.images < per * points:
+        raise StudyError(
+            f"cell {cell.name}: a budget of {cell.images} images is less than one step "
+            f"({per} images) per evaluation point ({points})"
+        )
+    every = -(-cell.images // (per * points))  # steps between evaluation points, rounded up
     steps = every * points
 
     def interval(n: int) -> int:
         return 0 if n <= 0 else max(1, steps // n)
 
+    val_every = interval(ev["val_points"])
+    vals = steps // val_every + 1 if val_every else 0
     return {
         "steps": steps,
         "images": steps * per,
         "images_per_step": per,
         "ckpt_every": every,
-        "val_every": interval(ev["val_points"]),
+        "val_every": val_every,
         "diag_every": interval(ev["diag_points"]),
-        # every checkpoint the validation points may save stays until the cell is evaluated
-        "keep": points + ev["val_points"] + 2,
+        # each validation point may save a (best) checkpoint: all stay until the cell is scored
+        "keep": points + vals + 2,
     }
 
 
@@ -252,7 +329,8 @@ def train_argv(cell: Cell, study: Study, progress: bool, device: str | None) -> 
     """The ``python -m train`` command of a cell."""
     p = cell.plan
     argv = [sys.executable, "-m", "train", "--shards", str(study.build), "--out", str(cell.run)]
-    argv += ["--seed", str(cell.seed), "--max-steps", str(p["steps"])]
+    # --epochs as large as the steps, so that the trainer's default epochs never cut a cell short
+    argv += ["--seed", str(cell.seed), "--max-steps", str(p["steps"]), "--epochs", str(p["steps"])]
     for key in ("ckpt_every", "val_every", "diag_every", "keep"):
         argv += _flag(key, p[key])
     for key, value in cell.options.items():
@@ -305,32 +383,62 @@ def prune(cell: Cell) -> None:
             checkpoint.path_for(cell.run, step).unlink(missing_ok=True)
 
 
+def _changed(cell: Cell, record: dict[str, Any]) -> str | None:
+    """Why a cell's earlier run cannot be continued with the current study (None: it can)."""
+    before = record.get("identity")
+    if before is None:
+        return None
+    if before.get("options") != cell.options or before.get("seed") != cell.seed:
+        return f"its options changed since it ran; delete {cell.run} to run it again"
+    saved = checkpoint.steps_saved(cell.run)
+    if saved and saved[-1] > cell.plan["steps"]:
+        return (
+            f"it already trained {saved[-1]} steps, more than the study's {cell.plan['steps']}; "
+            f"delete {cell.run} to run it again"
+        )
+    return None
+
+
 def run_cell(
     cell: Cell, study: Study, progress: bool, device: str | None, say
 ) -> tuple[str, float]:
-    """Train and evaluate one cell unless it is finished; ('done'|'skipped'|'failed ...', s)."""
+    """Train and evaluate one cell unless it is finished; ('done'|'skipped'|'failed ...', s).
+
+    A finished cell with the same plan is skipped; with other evaluation settings only its
+    evaluation runs again; a changed budget continues its training; changed options fail.
+    """
     record = read_cell(cell.run)
     identity = {"plan": cell.plan, "options": cell.options, "seed": cell.seed}
-    if record.get("done") and record.get("identity") == identity:
+    evaluation = study.evaluation
+    same = record.get("identity") == identity
+    if record.get("done") and same and record.get("evaluation", evaluation) == evaluation:
         return "skipped", 0.0
+    why = None if same else _changed(cell, record)
+    if why:
+        return f"failed: {why}", 0.0
     t0 = time.perf_counter()
     if record.get("identity") not in (None, identity):
-        say(f"{cell.label}: the study changed since this cell ran; it continues with the new plan")
-    write_cell(cell.run, {"done": False, "identity": identity, "started": time.time()})
-    stages = (
-        ("train", train_argv(cell, study, progress, device)),
-        ("evaluate", watch_argv(cell, study, device)),
-    )
+        say(f"{cell.label}: the budget changed since this cell ran; its training continues")
+    write_cell(cell.run, {"done": False, "identity": identity, "evaluation": evaluation})
+    stages = [("evaluate", watch_argv(cell, study, device))]
+    if not (record.get("done") and same):  # otherwise only the evaluation settings changed
+        stages.insert(0, ("train", train_argv(cell, study, progress, device)))
     for stage, argv in stages:
         say(f"{cell.label}: {stage} ({cell.plan['steps']} steps, {cell.plan['images']} images)")
         code = subprocess.call(argv)
-        if code:
-            why = f"failed: {stage} exit code {code}"
+        trained = (
+            read_config(cell.run).get("total_steps") if stage == "train" and not code else None
+        )
+        if code or (stage == "train" and trained != cell.plan["steps"]):
+            why = f"failed: {stage} " + (
+                f"exit code {code}" if code else f"ran {trained} steps, not {cell.plan['steps']}"
+            )
             write_cell(cell.run, {"done": False, "identity": identity, "error": why})
             return why, time.perf_counter() - t0
     prune(cell)
     spent = time.perf_counter() - t0
-    write_cell(cell.run, {"done": True, "identity": identity, "seconds": spent})
+    record = {"done": True, "identity": identity, "evaluation": evaluation, "seconds": spent}
+    write_cell(cell.run, record)
     return "done", spent
 
 
@@ -423,13 +531,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     devices = [d for d in (args.devices or "").split(",") if d]
-    if args.report_only:
+    if args.report_only:  # from the run folders there are; nothing is built or trained
         study = load_study(args.study, args.out)
-        window = int(ensure_build(study, args.out)["window"])
-        cells = expand(study, args.out)
-        for cell in cells:
-            cell.plan = plan(cell, study, window)
-        write_reports(study, cells, args.out)
+        write_reports(study, expand(study, args.out), args.out)
         return 0
     return run_study(
         args.study, args.out, jobs=args.jobs, devices=devices, progress=not args.no_progress

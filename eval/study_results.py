@@ -13,8 +13,8 @@ The study's ``[questions]`` table names the cells the comparisons use::
     seq = "seq"                   # ordered windows, independent noise, no regulariser
     lambdas = ["flow-lam0.1", "flow", "flow-lam10"]
 
-Cells it does not name are still in the per-cell table; a name that is not a cell is reported as
-missing rather than failing the study.
+Cells it does not name are still in the per-cell table; a name that is not a cell is refused when
+the study file is read.
 """
 
 from __future__ import annotations
@@ -28,10 +28,16 @@ from typing import Any
 
 from . import plots
 from .plots import fmt_axis, mean_std, table
-from .report import Run, Variant, load_run
+from .report import Run, Variant, load_run, title
 
 AXES = ("epochs", "images", "wall")
-LEVEL_FRACTIONS = (0.25, 0.5, 1.0)  # the baseline's val loss at these fractions of its points
+AXIS_WORDS = {"steps": "steps", "epochs": "epochs", "images": "images", "wall": "wall-clock"}
+LEVEL_FRACTIONS = (
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+)  # the reference's val loss at these fractions of its points
 KEY = "val_loss_ema"
 
 
@@ -56,30 +62,39 @@ def reach(run: Run, level: float, axis: str) -> float | None:
     return None
 
 
-def levels(baseline: list[Run]) -> list[tuple[str, float]]:
-    """Target losses: the baseline's mean val loss at fractions of its validation points."""
-    curves = [val_points(r) for r in baseline]
+def levels(ref: list[Run]) -> list[tuple[str, int, float]]:
+    """Target losses: (label, point index, level) at fractions of the reference's val points.
+
+    The level is the mean over the reference's seeds (those with points) of their loss at that
+    point; the reference's position for it is, by definition, where it measured that point.
+    """
+    curves = [c for r in ref if (c := val_points(r))]
     n = min((len(c) for c in curves), default=0)
     out = []
     for frac in LEVEL_FRACTIONS:
-        if n == 0:
-            break
-        i = max(0, round(frac * n) - 1)
-        value = statistics.fmean(c[i][KEY] for c in curves)
-        out.append((f"baseline at {frac:.0%} of its budget", value))
+        i = max(0, int(frac * n + 0.5) - 1)
+        if n == 0 or any(i == j for _, j, _ in out):
+            continue
+        out.append(
+            (f"{frac:.0%} (point {i + 1}/{n})", i, statistics.fmean(c[i][KEY] for c in curves))
+        )
     return out
 
 
-def speedup(base: list[Run], other: list[Run], level: float, axis: str) -> dict[str, Any]:
-    """How much sooner `other` reaches `level` than `base` on `axis`: ratio of mean positions.
+def speedup(
+    ref: list[Run], index: int, other: list[Run], level: float, axis: str
+) -> dict[str, Any]:
+    """How much sooner `other` reaches `level` than the reference's point `index`, on `axis`.
 
-    ``pairs`` are the ratios of every (baseline seed, other seed) pair, the spread shown.
-    A side that never reaches the level gives ``None`` (the budget is a bound, named as such).
+    The ratio is (mean reference position) / (mean position of the other's seeds); ``pairs`` are
+    the ratios of every (reference seed, other seed) pair, the spread shown. A seed of `other`
+    that never reaches the level gives no ratio (``None``), named as not reached.
     """
-    xb = [reach(r, level, axis) for r in base]
+    xb = [r.x(pts[index], axis) for r in ref if len(pts := val_points(r)) > index]
     xo = [reach(r, level, axis) for r in other]
     out: dict[str, Any] = {"base_x": xb, "other_x": xo, "ratio": None, "pairs": []}
-    if xb and xo and all(x is not None for x in xb + xo) and all(x > 0 for x in xo):
+    have = [x for x in xb + xo if x is not None]
+    if xb and xo and len(have) == len(xb) + len(xo) and all(x > 0 for x in have):
         out["ratio"] = statistics.fmean(xb) / statistics.fmean(xo)
         out["pairs"] = [b / o for b, o in product(xb, xo)]
     return out
@@ -88,9 +103,8 @@ def speedup(base: list[Run], other: list[Run], level: float, axis: str) -> dict[
 def fmt_speedup(s: dict[str, Any], axis: str) -> str:
     """``2.10x (1.9–2.3)`` or why there is no ratio."""
     if s["ratio"] is None:
-        miss = ["baseline" if None in s["base_x"] else "", "method" if None in s["other_x"] else ""]
-        who = " and ".join(m for m in miss if m) or "—"
-        return f"not reached by {who}" if who != "—" else "—"
+        missed = sum(x is None for x in s["other_x"])
+        return f"not reached by {missed} of {len(s['other_x'])} seeds" if missed else "—"
     lo, hi = min(s["pairs"]), max(s["pairs"])
     xs = ", ".join(fmt_axis(x, axis) for x in s["other_x"])
     return f"{s['ratio']:.2f}x ({lo:.2f}–{hi:.2f}; at {xs})"
@@ -185,56 +199,76 @@ def cell_table(study, by_cell: dict[str, list[Run]], extractor: str) -> list[str
     return table(header, rows)
 
 
+def _fraction(run: Run, step: int) -> float:
+    total = run.config.get("total_steps") or step
+    return round(step / total, 2) if total else 0.0
+
+
 def fd_curve_table(names: list[str], by_cell: dict[str, list[Run]], extractor: str) -> list[str]:
-    """The Frechet distance (val) at each evaluation point, per cell (mean ± std over seeds)."""
-    steps = sorted({p["step"] for n in names for r in by_cell.get(n, []) for p in fd_points(r, extractor)})  # fmt: skip
-    if not steps:
+    """The val Frechet distance at each evaluation point (as a fraction of each run's steps),
+    per cell: mean ± std over the seeds that have that point."""
+    fracs = sorted(
+        {
+            _fraction(r, p["step"])
+            for n in names
+            for r in by_cell.get(n, [])
+            for p in fd_points(r, extractor)
+        }
+    )
+    if not fracs:
         return ["No evaluation points."]
     rows = []
-    npoints = max(len(fd_points(r, extractor)) for n in names for r in by_cell.get(n, [])) or 1
     for name in names:
         runs = by_cell.get(name, [])
-        cols = []
-        for k in range(npoints):
-            vals = [
-                pts[k]["fid"] if len(pts := fd_points(r, extractor)) > k else None for r in runs
-            ]
-            cols.append(mean_std(vals, len(runs)))
-        rows.append([name, *cols])
-    header = ["cell", *[f"point {k + 1}/{npoints}" for k in range(npoints)]]
-    return table(header, rows)
+        at = [{_fraction(r, p["step"]): p["fid"] for p in fd_points(r, extractor)} for r in runs]
+        rows.append([name, *[mean_std([a.get(f) for a in at], len(runs)) for f in fracs]])
+    return table(["cell", *[f"at {f:.0%} of the budget" for f in fracs]], rows)
 
 
 # --- the answers -------------------------------------------------------------------------------
 
 
 def speed_section(q: dict, by_cell, results: dict) -> list[str]:
-    base = by_cell.get(q.get("baseline", ""), [])
-    lines = ["## Q1, Q2: how much sooner than the baseline does each cell reach its loss?", ""]
-    if not base or not val_points(base[0]):
-        return [*lines, "*Cannot tell: the baseline cell has no validation points.*", ""]
-    lv = levels(base)
+    """Q1, Q2: speed-ups to the baseline's losses (epochs, images, wall-clock), and to the
+    step-matched control's (steps)."""
+    lines = ["## Q1, Q2: how much sooner does each cell reach the reference's loss?", ""]
     lines += [
-        f"Levels: the baseline (`{q['baseline']}`) cell's mean EMA validation loss at 25%, 50% "
-        "and 100% of its budget. Each entry: (baseline position) / (cell position) at the first "
-        "validation point at or below the level, as the ratio of seed means, the range over "
-        "seed pairs, and the cell's positions. > 1: the cell is faster.",
+        "Levels: the reference cell's mean EMA validation loss at 25%, 50%, 75% and 100% of its "
+        "validation points (mean over its seeds). Each entry: (reference position) / (cell position) at the first validation "
+        "point at or below the level, as the ratio of seed means, the range over seed pairs, and "
+        "the cell's positions. > 1: the cell is faster. Resolution: one validation interval "
+        "(the budget / val_points).",
         "",
     ]
-    others = [n for n in by_cell if n != q["baseline"] and by_cell[n]]
-    results["levels"] = [v for _, v in lv]
-    results["speedup"] = {}
-    for axis in AXES:
-        header = ["cell", *[f"{name} ({value:.4f})" for name, value in lv]]
-        rows = []
-        for name in others:
-            cells = []
-            for _, value in lv:
-                s = speedup(base, by_cell[name], value, axis)
-                results["speedup"].setdefault(name, {}).setdefault(axis, []).append(s)
-                cells.append(fmt_speedup(s, axis))
-            rows.append([name, *cells])
-        lines += [f"### Speed-up at equal {axis}", "", *table(header, rows), ""]
+    results["speedup"], results["levels"] = {}, {}
+    refs = (("baseline", AXES), ("step_matched", ("steps", "images", "wall")))
+    for role, axes in refs:
+        ref_name = q.get(role)
+        if not ref_name:
+            continue
+        ref = by_cell.get(ref_name, [])
+        if not ref or not any(val_points(r) for r in ref):
+            lines += [f"*Cannot tell against the {role}: `{ref_name}` has no validation points.*"]
+            lines += [""]
+            continue
+        lv = levels(ref)
+        results["levels"][ref_name] = [{"label": n, "value": v} for n, _, v in lv]
+        others = [n for n in by_cell if n != ref_name and by_cell[n]]
+        for axis in axes:
+            header = ["cell", *[f"{name}: {value:.4f}" for name, _, value in lv]]
+            rows = []
+            for name in others:
+                row = []
+                for _, index, value in lv:
+                    sp = speedup(ref, index, by_cell[name], value, axis)
+                    per = results["speedup"].setdefault(ref_name, {}).setdefault(name, {})
+                    per.setdefault(axis, []).append(sp)
+                    row.append(fmt_speedup(sp, axis))
+                rows.append([name, *row])
+            head = (
+                f"### Against `{ref_name}` ({role.replace('_', '-')}), at equal {AXIS_WORDS[axis]}"
+            )
+            lines += [head, "", *table(header, rows), ""]
     return lines
 
 
@@ -254,7 +288,7 @@ def ablation_section(q: dict, by_cell, extractor: str, results: dict) -> list[st
         rows.append([name, mean_std(finals, n, 4), mean_std(mins, n, 4), mean_std(fds, n)])
     results["ablation"] = res
     lines += ["At the end of the equal image budget.", "", *table(header, rows), ""]
-    lines += ["Frechet distance (offline extractor, not FID) at each evaluation point:", ""]
+    lines += [f"{title(extractor)} at each evaluation point:", ""]
     lines += [*fd_curve_table(names, by_cell, extractor), ""]
     return lines
 
@@ -280,7 +314,7 @@ def gradient_section(q: dict, by_cell, results: dict) -> list[str]:
         gv = [grad_var_mean(r) for r in runs]
         gn = [tail_mean(step_records(r), "grad_norm") for r in runs]
         last = [step_records(r)[-1] if step_records(r) else {} for r in runs]
-        pd = [rec.get("param_dist") for rec in last]
+        pd = [v if _finite(v := rec.get("param_dist")) else None for rec in last]
         per = [p / rec["step"] if _finite(p) and rec.get("step") else None for p, rec in zip(pd, last, strict=True)]  # fmt: skip
         steps = sorted({rec.get("step") for rec in last if rec})
         res[name] = {"grad_var": gv, "grad_norm": gn, "param_dist": pd}
@@ -333,7 +367,7 @@ def _plot_speed(q, by_cell, path: Path) -> bool:
     ok = False
     for ax, axis in zip(axes, AXES, strict=True):
         ok |= plots._draw(ax, vs, val_points, axis, KEY, f"val loss (EMA) vs {axis}")
-        for _, value in levels(base) if base else []:
+        for _, _, value in levels(base) if base else []:
             ax.axhline(value, color="gray", lw=0.7, ls="--")
     plots._save(fig, path)
     return ok
@@ -346,8 +380,9 @@ def _plot_ablation(q, by_cell, extractor: str, path: Path) -> bool:
         return False
     fig, (a, b) = plots._figure(2)
     ok = plots._draw(a, vs, val_points, "images", KEY, "val loss (EMA) vs images")
-    plots._draw(b, vs, lambda r: fd_points(r, extractor), "images", "fid",
-                f"Frechet distance ({extractor} extractor, not FID), val")  # fmt: skip
+    plots._draw(
+        b, vs, lambda r: fd_points(r, extractor), "images", "fid", f"{title(extractor)}, val"
+    )
     plots._save(fig, path)
     return ok
 
@@ -400,7 +435,8 @@ def write(study, cells, out: Path) -> Path:
         *cell_table(study, by_cell, extractor),
         "",
     ]
-    missing = [c.label for c in cells if not (c.run / "evals").is_dir() or not any((c.run / "evals").glob("*.json"))]  # fmt: skip
+    runs = {r.path: r for rs in by_cell.values() for r in rs}
+    missing = [c.label for c in cells if c.run not in runs or not fd_points(runs[c.run], extractor)]
     if missing:
         lines += ["Cells without evaluation points (missing): " + ", ".join(missing), ""]
     results["missing_evaluations"] = missing

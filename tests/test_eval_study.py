@@ -112,11 +112,12 @@ def test_two_cell_study_runs_resumes_and_skips(build, tmp_path):
 
 
 def test_cell_without_evaluations_is_marked_missing(build, tmp_path):
-    """A cell whose evaluation failed is reported as missing, and the study exits 1."""
+    """A cell whose evaluation failed is reported as missing, and the study exits 1 (two cells
+    at once: --jobs 2)."""
     study, out = write_study(tmp_path, build, images=48), tmp_path / "out"
     text = study.read_text().replace("n_ref = 8", 'n_ref = 8\nsplits = ["nosuchsplit"]')
     study.write_text(text)
-    result = run_study(study, out)
+    result = run_study(study, out, "--jobs", "2")
     assert result.returncode == 1
     assert "error: flow seed 0: failed: evaluate" in result.stderr
     results = (out / "results.md").read_text()
@@ -134,6 +135,17 @@ def test_cell_without_evaluations_is_marked_missing(build, tmp_path):
         (lambda s: s.replace('name = "iid"', 'name = "flow"'), "repeated"),
         (lambda s: s.replace("samples = 8", "samples = 8\nbogus = 1"), "unknown keys"),
         (lambda s: s + "\n[[[", "not a readable TOML file"),
+        (lambda s: s.replace("seeds = [0]", "seeds = [0, 0]"), "distinct"),
+        (lambda s: s.replace("seeds = [0]", "seeds = 3"), "seeds must be a list"),
+        (lambda s: s.replace("batch = 12", "batch = 12\nmax-steps = 3"), "set by the study"),
+        (lambda s: s.replace('method = "iid"', 'method = "IID"'), "unknown method 'IID'"),
+        (lambda s: s.replace("batch = 12", 'batch = "12"'), "batch to a positive integer"),
+        (lambda s: s.replace('baseline = "iid"', 'baseline = "idd"'), "'idd' is not the name"),
+        (lambda s: s.replace('lambdas = ["flow"]', 'lambdas = "flow"'), "must be a list"),
+        (lambda s: s.replace('baseline = "iid"', 'basline = "iid"'), "unknown keys ['basline']"),
+        (lambda s: s.replace("n_ref = 8", 'n_ref = 8\nsplits = "val"'), "splits must be"),
+        (lambda s: s.replace("points = 2", "points = 0"), "points must be a positive"),
+        (lambda s: "train = 3\n" + s.replace("[train]", "[training]"), "[train] must be a table"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(build, tmp_path, capsys, edit, message):
@@ -174,3 +186,27 @@ def test_shipped_studies_parse_and_plan(tmp_path, name):
         assert by["flow"]["steps"] == pytest.approx(300 * 25_000 / 128, rel=0.01)
         assert by["iid"]["steps"] == pytest.approx(500 * 25_000 / 256, rel=0.01)
         assert by["iid-matched"]["steps"] == by["flow"]["steps"]
+
+
+def test_a_cell_whose_options_changed_is_refused_not_mixed(build, tmp_path):
+    """Changed options after a cell ran: the cell fails with what to delete; a changed budget
+    that is smaller than what was trained is refused too."""
+    study = study_mod.load_study(write_study(tmp_path, build), tmp_path)
+    cell = study_mod.expand(study, tmp_path)[0]
+    cell.plan = study_mod.plan(cell, study, window=3)
+    identity = {"plan": cell.plan, "options": {**cell.options, "lam": 10.0}, "seed": 0}
+    study_mod.write_cell(cell.run, {"done": True, "identity": identity})
+    status, _ = study_mod.run_cell(cell, study, False, None, print)
+    assert status.startswith("failed: its options changed") and str(cell.run) in status
+    (cell.run / "ckpt-00000099.pt").write_bytes(b"")
+    identity = {"plan": {**cell.plan, "steps": 4}, "options": cell.options, "seed": 0}
+    study_mod.write_cell(cell.run, {"done": True, "identity": identity})
+    status, _ = study_mod.run_cell(cell, study, False, None, print)
+    assert "already trained 99 steps" in status
+
+
+def test_budget_too_small_for_the_points_is_refused(build, tmp_path):
+    study = study_mod.load_study(write_study(tmp_path, build, images=20), tmp_path)
+    cell = study_mod.expand(study, tmp_path)[0]
+    with pytest.raises(study_mod.StudyError, match="less than one step"):
+        study_mod.plan(cell, study, window=3)
