@@ -399,6 +399,14 @@ def _changed(cell: Cell, record: dict[str, Any]) -> str | None:
     return None
 
 
+def _what_counts(identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An identity without the settings that cannot change a cell's results (``keep``)."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("plan"), dict):
+        return identity
+    plan = {k: v for k, v in identity["plan"].items() if k != "keep"}
+    return {**identity, "plan": plan}
+
+
 def run_cell(
     cell: Cell, study: Study, progress: bool, device: str | None, say
 ) -> tuple[str, float]:
@@ -410,14 +418,14 @@ def run_cell(
     record = read_cell(cell.run)
     identity = {"plan": cell.plan, "options": cell.options, "seed": cell.seed}
     evaluation = study.evaluation
-    same = record.get("identity") == identity
+    same = _what_counts(record.get("identity")) == _what_counts(identity)
     if record.get("done") and same and record.get("evaluation", evaluation) == evaluation:
         return "skipped", 0.0
     why = None if same else _changed(cell, record)
     if why:
         return f"failed: {why}", 0.0
     t0 = time.perf_counter()
-    if record.get("identity") not in (None, identity):
+    if record.get("identity") is not None and not same:
         say(f"{cell.label}: the budget changed since this cell ran; its training continues")
     write_cell(cell.run, {"done": False, "identity": identity, "evaluation": evaluation})
     stages = [("evaluate", watch_argv(cell, study, device))]

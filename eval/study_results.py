@@ -1,4 +1,5 @@
-"""A study's answers in numbers: ``DIR/results.md``, ``DIR/results.json`` and ``DIR/study-*.png``.
+"""A study's answers in numbers: ``DIR/results.md``, ``results.json``, ``curves.json`` (every
+run's measured curves, small enough to commit) and ``DIR/study-*.png``.
 
 Everything here is read from the cells' run folders (metrics.jsonl, evals/) and is measured,
 never interpolated: a run "reaches" a level at its first validation point at or below it, so a
@@ -273,10 +274,11 @@ def speed_section(q: dict, by_cell, results: dict) -> list[str]:
 
 
 def ablation_section(q: dict, by_cell, extractor: str, results: dict) -> list[str]:
-    names = [q.get(k) for k in ("baseline", "seq", "adjacent", "method", "step_matched")]
-    names = [n for n in names if n]
+    names = [q.get(k) for k in ("baseline", "step_matched", "seq", "adjacent", "method")]
+    names = [n for n in names if n] + [n for n in q.get("lambdas", []) if n != q.get("method")]
     lines = ["## Q3: flow against adjacent (w = 1) and seq (ordered, no regulariser)", ""]
-    header = ["cell", "final val loss (EMA)", "min val loss (EMA)", f"{extractor} FD val (last)"]
+    header = ["cell", "final val loss (EMA)", "min val loss (EMA)", "final val loss (raw weights)",
+              f"{extractor} FD val (last)"]  # fmt: skip
     rows, res = [], {}
     for name in names:
         runs = by_cell.get(name, [])
@@ -284,8 +286,10 @@ def ablation_section(q: dict, by_cell, extractor: str, results: dict) -> list[st
         mins = [min(p[KEY] for p in vp) if (vp := val_points(r)) else None for r in runs]
         finals = [final_val(r) for r in runs]
         fds = [final_eval(r, extractor, "fid") for r in runs]
-        res[name] = {"final_val": finals, "min_val": mins, "fd_val": fds}
-        rows.append([name, mean_std(finals, n, 4), mean_std(mins, n, 4), mean_std(fds, n)])
+        raw = [vp[-1].get("val_loss") if (vp := val_points(r)) else None for r in runs]
+        res[name] = {"final_val": finals, "min_val": mins, "final_val_raw": raw, "fd_val": fds}
+        rows.append([name, mean_std(finals, n, 4), mean_std(mins, n, 4), mean_std(raw, n, 4),
+                     mean_std(fds, n)])  # fmt: skip
     results["ablation"] = res
     lines += ["At the end of the equal image budget.", "", *table(header, rows), ""]
     lines += [f"{title(extractor)} at each evaluation point:", ""]
@@ -366,7 +370,9 @@ def _plot_speed(q, by_cell, path: Path) -> bool:
     base = by_cell.get(q.get("baseline"), [])
     ok = False
     for ax, axis in zip(axes, AXES, strict=True):
-        ok |= plots._draw(ax, vs, val_points, axis, KEY, f"val loss (EMA) vs {axis}")
+        ok |= plots._draw(
+            ax, vs, val_points, axis, KEY, f"val loss (EMA), log, vs {AXIS_WORDS[axis]}", log=True
+        )
         for _, _, value in levels(base) if base else []:
             ax.axhline(value, color="gray", lw=0.7, ls="--")
     plots._save(fig, path)
@@ -379,7 +385,7 @@ def _plot_ablation(q, by_cell, extractor: str, path: Path) -> bool:
     if not vs:
         return False
     fig, (a, b) = plots._figure(2)
-    ok = plots._draw(a, vs, val_points, "images", KEY, "val loss (EMA) vs images")
+    ok = plots._draw(a, vs, val_points, "images", KEY, "val loss (EMA), log", log=True)
     plots._draw(
         b, vs, lambda r: fd_points(r, extractor), "images", "fid", f"{title(extractor)}, val"
     )
@@ -408,12 +414,37 @@ def _plot_lambda(q, by_cell, path: Path) -> bool:
     fig, (a, b) = plots._figure(2)
     ok = plots._draw(a, vs, reg_ratio_records, "steps", "reg_share",
                      "lam x reg / loss (share of the objective)", log=True)  # fmt: skip
-    ok |= plots._draw(b, vs, val_points, "images", KEY, "val loss (EMA) vs images")
+    ok |= plots._draw(b, vs, val_points, "images", KEY, "val loss (EMA), log", log=True)
     plots._save(fig, path)
     return ok
 
 
 # --- entry -------------------------------------------------------------------------------------
+
+STEP_KEYS = ("step", "epoch", "images", "wall_s", "loss", "denoise", "reg", "disp", "grad_norm",
+             "param_dist")  # fmt: skip
+MAX_STEP_RECORDS = 200  # per run in curves.json: every n-th step and the last
+
+
+def curves(by_cell: dict[str, list[Run]]) -> dict[str, Any]:
+    """The measured curves of every run, small enough to commit with a study's results."""
+    out: dict[str, Any] = {}
+    for name, runs in by_cell.items():
+        for run in runs:
+            steps = step_records(run)
+            stride = max(1, -(-len(steps) // MAX_STEP_RECORDS))
+            kept = steps[::stride] + ([steps[-1]] if steps and (len(steps) - 1) % stride else [])
+            evals = [{k: v for k, v in e.items() if k not in ("run", "samples", "shards")} for e in run.evals]  # fmt: skip
+            out[f"{name}-s{run.seed}"] = {
+                "cell": name,
+                "seed": run.seed,
+                "config": run.config,
+                "val": run.kind("val"),
+                "diag": run.kind("diag"),
+                "evals": sorted(evals, key=lambda e: (e["step"], e["split"], e["extractor"])),
+                "steps": [{k: r[k] for k in STEP_KEYS if k in r} for r in kept],
+            }
+    return out
 
 
 def write(study, cells, out: Path) -> Path:
@@ -459,9 +490,10 @@ def write(study, cells, out: Path) -> Path:
         lines += ["## Figures", ""]
         for file, ok, caption in figures:
             lines += [f"![{caption}]({file})" if ok else f"*Not plotted: {file}.*", "", f"*{caption}*", ""]  # fmt: skip
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, out / "results.json")
+    for name, data in (("results.json", results), ("curves.json", curves(by_cell))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=None, separators=(",", ":"), default=str))
+        os.replace(tmp, out / name)
     path = out / "results.md"
     tmp = out / ".results.md.tmp"
     tmp.write_text("\n".join(lines), encoding="utf-8")

@@ -88,6 +88,10 @@ def test_two_cell_study_runs_resumes_and_skips(build, tmp_path):
     assert "| flow |" in results and "| iid |" in results
     assert str(flow) in report and str(iid) in report
     assert "Q1, Q2" in results and "x (" in results  # a speed-up ratio was computed
+    curves = json.loads((out / "curves.json").read_text())
+    assert set(curves) == {"flow-s0", "iid-s0"}
+    assert [v["step"] for v in curves["flow-s0"]["val"]] == [4, 8]
+    assert curves["flow-s0"]["steps"][-1]["step"] == 8 and len(curves["iid-s0"]["evals"]) == 4
 
     mtimes = {p: p.stat().st_mtime_ns for p in (flow / "evals").iterdir()}
     second = run_study(study, out)
