@@ -338,7 +338,7 @@ def train_argv(cell: Cell, study: Study, progress: bool, device: str | None) -> 
     if not progress:
         argv.append("--no-progress")
     if device:
-        argv += ["--device", device]
+        argv += ["--device", "cuda" if device.startswith("cuda") else device]
     return argv
 
 
@@ -351,8 +351,15 @@ def watch_argv(cell: Cell, study: Study, device: str | None) -> list[str]:
     argv += ["--n-ref", str(ev["n_ref"]), "--splits", ",".join(ev["splits"])]
     argv += ["--batch", str(ev["batch"])]
     if device:
-        argv += ["--device", device]
+        argv += ["--device", "cuda" if device.startswith("cuda") else device]
     return argv
+
+
+def device_env(device: str | None) -> dict[str, str] | None:
+    """The environment of a cell's processes: ``cuda:N`` shows them only GPU N (as cuda)."""
+    if not device or not device.startswith("cuda:"):
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}
 
 
 def read_cell(run: Path) -> dict[str, Any]:
@@ -433,7 +440,7 @@ def run_cell(
         stages.insert(0, ("train", train_argv(cell, study, progress, device)))
     for stage, argv in stages:
         say(f"{cell.label}: {stage} ({cell.plan['steps']} steps, {cell.plan['images']} images)")
-        code = subprocess.call(argv)
+        code = subprocess.call(argv, env=device_env(device))
         trained = (
             read_config(cell.run).get("total_steps") if stage == "train" and not code else None
         )
@@ -532,7 +539,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", type=Path, help="the study file (TOML)")
     p.add_argument("--out", type=Path, required=True, help="study folder (build, runs, report)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
-    p.add_argument("--devices", help="one device per running cell, e.g. cuda:0,cuda:1")
+    p.add_argument(
+        "--devices",
+        help="one device per running cell, e.g. cuda:0,cuda:1 (each cell's processes see only "
+        "its GPU, via CUDA_VISIBLE_DEVICES)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no per-cell tqdm bar")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report")
 

@@ -214,3 +214,14 @@ def test_budget_too_small_for_the_points_is_refused(build, tmp_path):
     cell = study_mod.expand(study, tmp_path)[0]
     with pytest.raises(study_mod.StudyError, match="less than one step"):
         study_mod.plan(cell, study, window=3)
+
+
+def test_a_cell_on_a_device_sees_only_its_gpu(build, tmp_path):
+    study = study_mod.load_study(write_study(tmp_path, build), tmp_path)
+    cell = study_mod.expand(study, tmp_path)[0]
+    cell.plan = study_mod.plan(cell, study, window=3)
+    assert study_mod.device_env("cuda:3")["CUDA_VISIBLE_DEVICES"] == "3"
+    assert study_mod.device_env(None) is None and study_mod.device_env("cpu") is None
+    train = study_mod.train_argv(cell, study, progress=False, device="cuda:3")
+    watch = study_mod.watch_argv(cell, study, device="cuda:3")
+    assert train[train.index("--device") + 1] == watch[watch.index("--device") + 1] == "cuda"
