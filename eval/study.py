@@ -276,10 +276,8 @@ def expand(study: Study, out: Path) -> list[Cell]:
 
 def images_per_step(options: dict[str, Any], window: int) -> int:
     """Images one optimizer step processes: batch windows x K, or batch frames."""
-    batch = options.get("batch")
-    if not isinstance(batch, int) or batch <= 0:
-        raise StudyError(f"cell {options.get('method')}: set a positive integer batch")
-    return batch * (window if options["method"] in WINDOW_METHODS else 1)
+    # load_study checked that every cell has a positive integer batch
+    return options["batch"] * (window if options["method"] in WINDOW_METHODS else 1)
 
 
 def plan(cell: Cell, study: Study, window: int) -> dict[str, Any]:
@@ -462,7 +460,10 @@ def run_study(
     progress: bool = True, report: bool = True,
 ) -> int:  # fmt: skip
     """Run every unfinished cell, then the report and the results; exit code 0 or 1."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StudyError(f"--out {out}: cannot make the study folder ({exc})") from None
     study = load_study(study_file, out)
     manifest = ensure_build(study, out)
     window = int(manifest["window"])

@@ -225,3 +225,11 @@ def test_a_cell_on_a_device_sees_only_its_gpu(build, tmp_path):
     train = study_mod.train_argv(cell, study, progress=False, device="cuda:3")
     watch = study_mod.watch_argv(cell, study, device="cuda:3")
     assert train[train.index("--device") + 1] == watch[watch.index("--device") + 1] == "cuda"
+
+
+def test_out_that_is_a_file_is_a_one_line_error(build, tmp_path, capsys):
+    study = write_study(tmp_path, build)
+    (tmp_path / "taken").write_text("")
+    assert eval_main(["study", str(study), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "\n" not in err
