@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -222,12 +223,14 @@ class Cluster:
             "t = time.monotonic()\n"
             f"while alive() != {want} and time.monotonic() - t < 90:\n"
             "    time.sleep(0.3)\n"
-            "print(alive())\n"
+            "print('alive nodes:', alive())\n"
         )
         r = subprocess.run([PY, "-c", wait], env=self.env, cwd=self.work, capture_output=True,
                            text=True, timeout=150)  # fmt: skip
         tails = [n.tail() for n in self.workers()]
-        assert r.stdout.strip().endswith(str(want)), (r.stdout, r.stderr[-1500:], tails)
+        # the driver may also print Ray's notices of nodes killed earlier on stdout
+        seen = re.findall(r"^alive nodes: (\d+)$", r.stdout, re.MULTILINE)
+        assert seen == [str(want)], (r.stdout, r.stderr[-1500:], tails)
         for node in self.nodes:
             node.pids()
         return self.workers()
