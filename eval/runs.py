@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from train import checkpoint
+from train.diffusion import SCHEDULES, Schedule
+from train.options import LEGACY_DEFAULTS
 from train.unet import PRESETS, UNet, build_unet
 
 EVALS_DIR = "evals"  # RUN/evals/{step:08d}-{split}-{extractor}.json, one per evaluation
@@ -28,6 +30,19 @@ class Loaded:
     images: int  # images processed by then (all ranks)
     wall_s: float  # training wall-clock by then (evaluation time never counts)
     path: Path
+
+    @property
+    def schedule(self) -> Schedule:
+        """The noise schedule the run trained with (linear for runs made before --schedule)."""
+        return schedule_of(self.config)
+
+
+def schedule_of(config: dict[str, Any]) -> Schedule:
+    """The noise schedule a run's config.json names (RunError for an unknown one)."""
+    kind = config.get("schedule", LEGACY_DEFAULTS["schedule"])
+    if kind not in SCHEDULES:
+        raise RunError(f"config.json: unknown schedule {kind!r} (known: {', '.join(SCHEDULES)})")
+    return Schedule(kind=kind)
 
 
 def read_config(run: Path | str) -> dict[str, Any]:

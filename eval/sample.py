@@ -34,7 +34,8 @@ from train import distributed
 from train.diffusion import Schedule, ddim_step, ddim_timesteps
 
 RECORD_NAME = "sample.json"
-MUST_MATCH = ("run", "step", "ema", "steps", "eta", "seed")  # fields a resumed DIR must share
+MUST_MATCH = ("run", "step", "ema", "steps", "eta", "seed", "clip_x0")  # a resumed DIR shares
+RECORD_LEGACY = {"clip_x0": False}  # what a folder sampled before a field existed was sampled with
 
 
 def image_name(index: int) -> str:
@@ -87,6 +88,7 @@ def _sample_batch(
     width: int,
     device: torch.device,
     dtype: torch.dtype | None,
+    clip: bool,
 ) -> np.ndarray:
     """DDIM-sample one chunk of at most ``width`` indices -> uint8 (len(indices), H, W, 3).
 
@@ -105,7 +107,7 @@ def _sample_batch(
             eps = model(torch.cat([x, pad]), tt.fill_(t))
         eps = eps[: len(indices)].float()
         noise = _noise(gens, shape, device) if eta > 0 else None
-        x = ddim_step(sched, x, eps, t, t_prev, eta, noise)
+        x = ddim_step(sched, x, eps, t, t_prev, eta, noise, clip)
     return to_uint8(x)
 
 
@@ -119,6 +121,7 @@ def sample(
     batch: int,
     device: torch.device | str,
     dtype: torch.dtype | None = None,
+    clip: bool = False,
 ) -> np.ndarray:
     """DDIM samples of ``indices`` -> uint8 RGB (n, H, W, 3), in the order of ``indices``.
 
@@ -126,7 +129,8 @@ def sample(
     call has ``batch`` rows, so the image does not depend on its neighbours or position (and
     on ``batch`` and the device only through kernel rounding, see the module doc). ``dtype``
     is the autocast dtype of the model call (None: bfloat16 on CUDA, no autocast elsewhere);
-    eps and the DDIM update are float32.
+    eps and the DDIM update are float32. ``clip`` clamps each step's predicted x0 to [-1, 1]
+    (and re-derives eps from it), as ``eval sample`` does by default.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -136,7 +140,9 @@ def sample(
     parts = [np.zeros((0, size, size, 3), np.uint8)]
     for start in range(0, len(indices), batch):
         chunk = list(indices[start : start + batch])
-        parts.append(_sample_batch(model, sched, chunk, seed, timesteps, eta, batch, device, dtype))
+        parts.append(
+            _sample_batch(model, sched, chunk, seed, timesteps, eta, batch, device, dtype, clip)
+        )
     return np.concatenate(parts)
 
 
@@ -180,6 +186,7 @@ def check_record(folder: Path, record: dict[str, Any]) -> None:
     old = read_record(folder)
     if old is None:
         return
+    old = {**RECORD_LEGACY, **old}
     diff = [k for k in MUST_MATCH if old.get(k) != record[k]]
     if diff:
         said = ", ".join(f"{k} {old.get(k)!r} (now {record[k]!r})" for k in diff)
@@ -221,11 +228,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for {index:06d}.png and sample.json")
     parser.add_argument("--seed", type=int, default=0, help="image i depends on (seed, i) only")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    add_clip_argument(parser)
     parser.add_argument("--ckpt", default="last", help="last, best or a step number")
     parser.add_argument("--batch", type=int, default=64, help="images per model call per rank")
     parser.add_argument("--no-ema", action="store_true", help="raw weights instead of the EMA")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def add_clip_argument(parser: argparse.ArgumentParser) -> None:
+    """``--clip-x0 / --no-clip-x0`` (on by default), shared by ``sample`` and ``watch``."""
+    parser.add_argument(
+        "--clip-x0",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clamp each DDIM step's predicted x0 to [-1, 1] and re-derive eps from it "
+        "(diffusers' clip_sample, its default): a model that is not yet exact at large t "
+        "otherwise drifts to saturated colours",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -273,6 +293,8 @@ def _run(args: argparse.Namespace, world: distributed.World) -> None:
         "steps": args.steps,
         "eta": float(args.eta),
         "seed": args.seed,
+        "clip_x0": bool(args.clip_x0),
+        "schedule": loaded.schedule.kind,
         "n": args.n,
     }
     folder = Path(args.out)
@@ -282,12 +304,20 @@ def _run(args: argparse.Namespace, world: distributed.World) -> None:
         write_record(folder, {**record, "complete": False})
     remove_stale_temps(folder, world.rank, world.size)
     mine = todo(folder, args.n, world.rank, world.size)
-    sched = Schedule()
+    sched = loaded.schedule
     bar = tqdm(total=len(mine), unit="img", disable=not world.main or args.no_progress)
     for start in range(0, len(mine), args.batch):
         chunk = mine[start : start + args.batch]
         images = sample(
-            loaded.model, sched, chunk, args.seed, args.steps, args.eta, args.batch, world.device
+            loaded.model,
+            sched,
+            chunk,
+            args.seed,
+            args.steps,
+            args.eta,
+            args.batch,
+            world.device,
+            clip=args.clip_x0,
         )
         for index, image in zip(chunk, images, strict=True):
             write_png(folder, index, image)

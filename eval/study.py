@@ -46,6 +46,7 @@ EVAL_DEFAULTS = {
     "points": 4,  # checkpoints sampled and scored per cell
     "samples": 256,
     "ddim_steps": 25,
+    "clip_x0": True,  # eval sample's default (see its --clip-x0)
     "extractor": "offline",
     "n_ref": 2048,
     "splits": ["train", "val"],
@@ -135,6 +136,8 @@ def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
     for key in ("val_points", "diag_points"):
         if not _positive_int(evaluation[key]) and evaluation[key] != 0:
             raise StudyError(f"{where}: {key} must be a non-negative integer")
+    if not isinstance(evaluation["clip_x0"], bool):
+        raise StudyError(f"{where}: clip_x0 must be true or false")
     if evaluation["extractor"] not in ("inception", "offline"):
         raise StudyError(f"{where}: extractor must be 'inception' or 'offline'")
     splits = evaluation["splits"]
@@ -347,7 +350,7 @@ def watch_argv(cell: Cell, study: Study, device: str | None) -> list[str]:
     argv += ["--every", str(cell.plan["ckpt_every"]), "--n", str(ev["samples"])]
     argv += ["--steps", str(ev["ddim_steps"]), "--extractor", str(ev["extractor"])]
     argv += ["--n-ref", str(ev["n_ref"]), "--splits", ",".join(ev["splits"])]
-    argv += ["--batch", str(ev["batch"])]
+    argv += ["--batch", str(ev["batch"]), "--clip-x0" if ev["clip_x0"] else "--no-clip-x0"]
     if device:
         argv += ["--device", "cuda" if device.startswith("cuda") else device]
     return argv

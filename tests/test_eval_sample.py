@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -32,37 +33,75 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
 
 
-def _diffusers_ddim():
+def _diffusers_ddim(schedule: str = "linear", clip: bool = False):
     """diffusers' DDIMScheduler configured as our Schedule and DDIM are."""
     diffusers = pytest.importorskip("diffusers")
     return diffusers.DDIMScheduler(
         num_train_timesteps=1000,
-        beta_schedule="linear",
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule],
         beta_start=1e-4,
         beta_end=0.02,
         set_alpha_to_one=True,
         timestep_spacing="leading",
-        clip_sample=False,
+        clip_sample=clip,
         steps_offset=0,
         prediction_type="epsilon",
     )
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_tables_match_diffusers(schedule):
+    ref = _diffusers_ddim(schedule)
+    ours = Schedule(kind=schedule)
+    assert (ours.betas - ref.betas).abs().max().item() < 1e-6
+    assert (ours.alphas_cumprod - ref.alphas_cumprod).abs().max().item() < 1e-6
+    if schedule == "cosine":  # not the linear table under another name
+        assert (ours.alphas_cumprod - Schedule().alphas_cumprod).abs().max().item() > 0.1
+
+
 @pytest.mark.parametrize("steps", [10, 50])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_matches_diffusers(steps, eta):
-    ref = _diffusers_ddim()
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_matches_diffusers(steps, eta, schedule, clip):
+    ref = _diffusers_ddim(schedule, clip)
     ref.set_timesteps(steps)
     ts = ddim_timesteps(1000, steps)
     assert ts == ref.timesteps.tolist()
-    sched = Schedule()
+    sched = Schedule(kind=schedule)
     g = torch.Generator().manual_seed(steps)
+    clipped = 0
     for j, t in enumerate(ts):
         x, eps, noise = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(3))
-        want = ref.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        # diffusers re-derives eps from the clipped x0 only when asked (GLIDE's rule, ours)
+        want = ref.step(
+            eps, t, x, eta=eta, variance_noise=noise, use_clipped_model_output=True
+        ).prev_sample
         t_prev = ts[j + 1] if j + 1 < len(ts) else -1
-        got = ddim_step(sched, x, eps, t, t_prev, eta, noise if eta > 0 else None)
-        assert (got - want).abs().max().item() < 1e-5, (steps, eta, t)
+        got = ddim_step(sched, x, eps, t, t_prev, eta, noise if eta > 0 else None, clip)
+        # 1e-5, relative to the values: re-deriving eps divides by sqrt(1 - abar_t), which at
+        # small t magnifies either side's float32 rounding to ~1e-5 of values near 1
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (steps, eta, schedule, clip, t)
+        a = float(sched.alphas_cumprod[t])
+        clipped += int(((x - (1 - a) ** 0.5 * eps) / a**0.5).abs().gt(1).any())
+    assert clipped > 0  # the clamp was exercised on these draws
+
+
+def test_clipping_changes_the_step():
+    x, eps = torch.full((1, 3, 4, 4), 0.5), torch.full((1, 3, 4, 4), -2.0)
+    sched = Schedule()
+    plain = ddim_step(sched, x, eps, 500, 400, 0.0, None)
+    clipped = ddim_step(sched, x, eps, 500, 400, 0.0, None, clip=True)
+    assert (plain - clipped).abs().min().item() > 0.1
+    # with x0 in range, clipping is the identity
+    eps_small = torch.zeros_like(x)
+    same = ddim_step(sched, x * 0.1, eps_small, 500, 400, 0.0, None, clip=True)
+    assert torch.equal(same, ddim_step(sched, x * 0.1, eps_small, 500, 400, 0.0, None))
+
+
+def test_schedule_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Schedule(kind="sigmoid")
 
 
 def test_ddim_argument_checks():
@@ -172,11 +211,55 @@ def test_png_is_the_rgb_sample(trained_run, tmp_path):
     out = tmp_path / "s"
     assert es.run(_args(trained_run, out, "--n", "2", "--ckpt", "2", "--no-ema")) == 0
     model = load(trained_run, "2", ema=False).model
-    want = es.sample(model, Schedule(), [0, 1], 1, 5, 0.5, 64, "cpu")
+    want = es.sample(model, Schedule(), [0, 1], 1, 5, 0.5, 64, "cpu", clip=True)
     for i in (0, 1):
         with Image.open(out / f"{i:06d}.png") as im:
             assert im.mode == "RGB" and (np.asarray(im) == want[i]).all()
-    assert es.read_record(out)["ema"] is False and es.read_record(out)["step"] == 2
+    record = es.read_record(out)
+    assert record["ema"] is False and record["step"] == 2
+    assert record["clip_x0"] is True and record["schedule"] == "linear"
+    unclipped = tmp_path / "u"
+    assert (
+        es.run(_args(trained_run, unclipped, "--n", "2", "--ckpt", "2", "--no-ema", "--no-clip-x0"))
+        == 0
+    )
+    plain = es.sample(model, Schedule(), [0, 1], 1, 5, 0.5, 64, "cpu", clip=False)
+    assert _pngs(unclipped) != _pngs(out)  # lr 0.01 for 2 steps: x0 leaves [-1, 1]
+    for i in (0, 1):
+        with Image.open(unclipped / f"{i:06d}.png") as im:
+            assert (np.asarray(im) == plain[i]).all()
+    # a folder sampled without clipping (or before the option existed) is not resumed with it
+    _one_line_error(_args(trained_run, unclipped, "--n", "2", "--ckpt", "2", "--no-ema"), "clip_x0")
+    record = es.read_record(unclipped)
+    del record["clip_x0"]
+    es.write_record(unclipped, record)
+    _one_line_error(
+        _args(trained_run, unclipped, "--n", "2", "--ckpt", "2", "--no-ema"), "clip_x0 False"
+    )
+
+
+def test_sampling_reads_the_runs_schedule(trained_run, tmp_path):
+    from eval.runs import RunError as Refused
+    from eval.runs import load, schedule_of
+
+    assert schedule_of({}).kind == "linear"  # a run made before --schedule existed
+    assert schedule_of({"schedule": "cosine"}).kind == "cosine"
+    with pytest.raises(Refused, match="unknown schedule"):
+        schedule_of({"schedule": "sigmoid"})
+    cosine = tmp_path / "cosine"
+    shutil.copytree(trained_run, cosine)
+    config = json.loads((cosine / "config.json").read_text())
+    (cosine / "config.json").write_text(json.dumps({**config, "schedule": "cosine"}))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert es.run(_args(trained_run, a, "--n", "2")) == 0
+    assert es.run(_args(cosine, b, "--n", "2")) == 0
+    assert es.read_record(b)["schedule"] == "cosine" and _pngs(a) != _pngs(b)
+    model = load(cosine, "last").model
+    want = es.sample(model, Schedule(kind="cosine"), [0, 1], 1, 5, 0.5, 64, "cpu", clip=True)
+    from PIL import Image
+
+    with Image.open(b / "000001.png") as im:
+        assert (np.asarray(im) == want[1]).all()
 
 
 def test_two_ranks_match_one(trained_run, tmp_path):

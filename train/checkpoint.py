@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from train.options import LEGACY_DEFAULTS
+
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
 BEST_NAME = "best.json"
 
@@ -34,6 +36,7 @@ MAY_CHANGE = frozenset(
         "keep",
         "resume",
         "compile",
+        "recipe",  # a name for defaults; the values it set are checked as themselves
         "max_bad_fraction",
         "max_bad_steps",
         "progress",
@@ -119,6 +122,7 @@ def load_latest(out: Path) -> dict[str, Any] | None:
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise CheckpointError naming every field that differs and may not change on resume."""
+    saved = {**LEGACY_DEFAULTS, **saved}  # a checkpoint from before a field existed
     keys = (set(saved) | set(current)) - MAY_CHANGE
     diff = sorted(k for k in keys if saved.get(k) != current.get(k))
     if diff:

@@ -1,14 +1,18 @@
-"""DDPM noise schedule (linear betas, cumulative alphas, forward process) and the DDIM sampler.
+"""DDPM noise schedules (betas, cumulative alphas, forward process) and the DDIM sampler.
 
 Notation follows Ho et al. 2020: ``alpha_t = 1 - beta_t``, ``abar_t = prod_{s<=t} alpha_s``
 and ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, for integer ``t`` in ``[0, T)`` (index 0
-is the first noising step, so ``abar[0] = 1 - beta_start``). Tables are computed in float64 and
-stored as float32.
+is the first noising step). Two beta schedules (:data:`SCHEDULES`): ``linear`` (Ho et al.,
+1e-4..0.02; diffusers' ``"linear"``) and ``cosine`` (Nichol & Dhariwal 2021,
+``abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2`` with each beta capped at 0.999; diffusers'
+``"squaredcos_cap_v2"``). Tables are computed in float64 and stored as float32.
 
 DDIM (Song et al. 2021) reads those tables: :func:`ddim_timesteps` picks the sampled steps and
-:func:`ddim_step` moves ``x_t`` to ``x_{t_prev}``. Both match diffusers' ``DDIMScheduler`` with
-``beta_schedule="linear", set_alpha_to_one=True, timestep_spacing="leading", clip_sample=False,
-steps_offset=0, prediction_type="epsilon"`` (tested to 1e-5).
+:func:`ddim_step` moves ``x_t`` to ``x_{t_prev}``, optionally clamping the predicted ``x_0`` to
+[-1, 1] and re-deriving eps from it (``clip``). Both match diffusers' ``DDIMScheduler`` with
+``set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0,
+prediction_type="epsilon"``, ``clip_sample=clip`` and ``step(..., use_clipped_model_output=True)``
+(tested to 1e-5 for both schedules, with and without clipping).
 """
 
 from __future__ import annotations
@@ -18,9 +22,24 @@ import math
 
 import torch
 
+SCHEDULES = ("linear", "cosine")  # the beta schedules, by the name --schedule takes
+DEFAULT_SCHEDULE = "linear"  # the paper's; also what a run made before --schedule existed used
+COSINE_S = 0.008  # iDDPM's offset, so that beta_0 is not vanishingly small
+MAX_BETA = 0.999  # iDDPM's cap on the cosine betas (the last ones would reach 1)
+
+
+def cosine_betas(T: int) -> torch.Tensor:
+    """iDDPM's cosine betas (float64, shape (T,)): ``1 - abar((i+1)/T) / abar(i/T)``, capped."""
+
+    def abar(s: float) -> float:
+        return math.cos((s + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2
+
+    betas = [min(1 - abar((i + 1) / T) / abar(i / T), MAX_BETA) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
 
 class Schedule:
-    """Linear-beta DDPM schedule with ``T`` steps.
+    """DDPM schedule with ``T`` steps: ``linear`` betas (``beta_start..beta_end``) or ``cosine``.
 
     Attributes (float32, shape (T,)): ``betas``, ``alphas_cumprod`` (abar),
     ``sqrt_alphas_cumprod`` and ``sqrt_one_minus_alphas_cumprod``.
@@ -31,15 +50,27 @@ class Schedule:
     small transfer per call); call ``to`` once to avoid it.
     """
 
-    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
-        """Precompute the tables; ValueError unless ``T >= 1`` and ``0 < start <= end < 1``."""
+    def __init__(
+        self,
+        T: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        kind: str = DEFAULT_SCHEDULE,
+    ) -> None:
+        """Precompute the tables; ValueError unless ``T >= 1``, ``0 < start <= end < 1`` and
+        ``kind`` is one of :data:`SCHEDULES` (``beta_start``/``beta_end`` are the linear's)."""
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
         if T < 1 or not 0.0 < beta_start <= beta_end < 1.0:
             raise ValueError(
                 f"Schedule needs T >= 1 and 0 < beta_start <= beta_end < 1, "
                 f"got T={T}, beta_start={beta_start}, beta_end={beta_end}"
             )
-        self.T = T
-        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        self.T, self.kind = T, kind
+        if kind == "cosine":
+            betas = cosine_betas(T)
+        else:
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         abar = torch.cumprod(1.0 - betas, dim=0)
         self.betas = betas.float()
         self.alphas_cumprod = abar.float()
@@ -107,10 +138,12 @@ def ddim_step(
     t_prev: int,
     eta: float,
     noise: torch.Tensor | None,
+    clip: bool = False,
 ) -> torch.Tensor:
     """One DDIM update ``x_t -> x_{t_prev}`` from the predicted noise ``eps``.
 
-    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``, then
+    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``; with ``clip``, ``x0`` is clamped to
+    [-1, 1] and ``eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t)`` re-derived from it; then
     ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t**2) eps + sigma_t noise``;
     ``t_prev < 0`` means ``a_prev = 1``. ``noise`` (shaped like ``x_t``) may be None only when
     ``eta == 0``. Coefficients come from the float32 tables, combined in float64; the tensor
@@ -125,6 +158,9 @@ def ddim_step(
     a_t, a_prev = _abar_at(sched, t), _abar_at(sched, t_prev)
     sigma = ddim_sigma(sched, t, t_prev, eta)
     x0 = (x_t - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
     if eta > 0:
         if noise is None:

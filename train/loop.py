@@ -138,7 +138,7 @@ def _step(r: Run, p: Parts, c: Counters, batch: dict, step: int) -> dict:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(p.model.parameters(), clip))
     if _finite(terms["loss"]) and _finite(grad_norm):
         p.opt.step()
-        _ema_update(p.ema, p.model, cfg.ema)
+        _ema_update(p.ema, p.model, ema_decay(cfg.ema, cfg.ema_warmup, step))
         c.bad_in_row = 0
     else:
         c.skipped, c.bad_in_row = c.skipped + 1, c.bad_in_row + 1
@@ -339,6 +339,18 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def ema_decay(ema: float, warmup: bool, step: int) -> float:
+    """The EMA decay at (0-based) ``step``; with warmup, diffusers' ``EMAModel`` rule.
+
+    ``min(ema, (1 + step) / (10 + step))``, and 0 at step 0 (the EMA starts as a copy of the
+    first updated weights): 0.5 at step 8, 0.99 at step 890. A function of the step alone, so
+    a resumed run averages exactly as an uninterrupted one.
+    """
+    if not warmup:
+        return ema
+    return 0.0 if step == 0 else min(ema, (1 + step) / (10 + step))
 
 
 @torch.no_grad()

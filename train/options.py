@@ -6,12 +6,17 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from train.diffusion import DEFAULT_SCHEDULE, SCHEDULES
 from train.objectives import METHODS
+from train.recipes import RECIPES
 
 WINDOW_METHODS = ("seq", "adjacent", "flow", "divergence")
 # the paper's settings: baselines 256 frames for 500 epochs, window methods 128 windows for 300
 PAPER_BATCH = {"windows": 128, "frames": 256}
 PAPER_EPOCHS = {"windows": 300, "frames": 500}
+# the value of a field a run made before the field existed ran with (resume and evaluation read
+# an old config.json through this)
+LEGACY_DEFAULTS = {"schedule": "linear", "ema_warmup": False, "recipe": None}
 
 
 @dataclass
@@ -35,6 +40,9 @@ class TrainConfig:
     warmup: int = 0
     clip: float = 1.0
     ema: float = 0.9995
+    ema_warmup: bool = True
+    schedule: str = DEFAULT_SCHEDULE
+    recipe: str | None = None
     ckpt_every: int = 1000
     keep: int = 3
     val_every: int = 500
@@ -71,7 +79,13 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     methods = "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+    recipes = "; ".join(f"{name}: {r.help}" for name, r in RECIPES.items())
     run = p.add_argument_group("run")
+    run.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        help=f"a named set of defaults (options given on the command line still win). {recipes}",
+    )
     run.add_argument("--shards", default=d.shards, help="the build (folder with dataset.json)")
     run.add_argument("--method", default=d.method, help=f"objective. {methods}")
     run.add_argument("--out", default=d.out, help="run folder: config, metrics, checkpoints")
@@ -107,6 +121,20 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warmup steps")
     opt.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip (0: off)")
     opt.add_argument("--ema", type=float, default=d.ema, help="EMA decay (the paper's)")
+    opt.add_argument(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=d.ema_warmup,
+        help="EMA decay min(--ema, (1 + n) / (10 + n)) at step n (diffusers' EMAModel), so "
+        "that the EMA of a short run follows the weights instead of the initialisation",
+    )
+    opt.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help="noise schedule: linear betas 1e-4..0.02 (DDPM, the paper's) or cosine (iDDPM); "
+        "sampling reads it from the run",
+    )
     opt.add_argument(
         "--compile", action="store_true", help="torch.compile the model (CUDA; slow to start)"
     )
@@ -198,17 +226,29 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    args = parser().parse_args(argv)
-    return TrainConfig(**vars(args))
+    """The command line as a TrainConfig; a ``--recipe``'s values are the defaults under it."""
+    p = parser()
+    recipe = p.parse_args(argv).recipe
+    if recipe is not None:
+        p.set_defaults(**RECIPES[recipe].options)
+    return TrainConfig(**vars(p.parse_args(argv)))
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the method-dependent defaults (batch, epochs) in a copy of `cfg`."""
+    """Fill the method-dependent defaults (batch, epochs, steps) in a copy of `cfg`.
+
+    Without a recipe they are the paper's; a recipe names its own per kind of method.
+    """
     kind = "windows" if cfg.method in WINDOW_METHODS else "frames"
+    recipe = RECIPES.get(cfg.recipe)
+    batch = recipe.batch if recipe and recipe.batch else PAPER_BATCH
+    epochs = recipe.epochs if recipe and recipe.epochs else PAPER_EPOCHS
+    steps = recipe.max_steps if recipe and recipe.max_steps else {}
     return dataclasses.replace(
         cfg,
-        batch=cfg.batch if cfg.batch is not None else PAPER_BATCH[kind],
-        epochs=cfg.epochs if cfg.epochs is not None else PAPER_EPOCHS[kind],
+        batch=cfg.batch if cfg.batch is not None else batch[kind],
+        epochs=cfg.epochs if cfg.epochs is not None else epochs[kind],
+        max_steps=cfg.max_steps if cfg.max_steps is not None else steps.get(kind),
     )
 
 
@@ -216,6 +256,10 @@ def check(cfg: TrainConfig) -> None:
     """Raise ValueError (one line) for values out of range."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if cfg.recipe is not None and cfg.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}: use one of {', '.join(RECIPES)}")
     positive = {
         "batch": cfg.batch,
         "grad_accum": cfg.grad_accum,
