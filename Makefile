@@ -3,11 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DEMO   ?= demo_out
-# the demo trains the tiny UNet at 32 px (area-downsampled on load): a few minutes on 2 cores
-# (EMA 0.99: the paper's 0.9995 averages over ~2000 steps, longer than the demo's 300)
-DEMO_TRAIN ?= --preset tiny --image-size 32 --max-steps 300 --ema 0.99 --val-every 50 --diag-every 100 --ckpt-every 100 --keep 5 --no-progress
-# the demo scores samples with the offline extractor (a fixed small network: not FID)
-DEMO_EVAL ?= --all --once --n 128 --steps 20 --extractor offline --n-ref 256
+# the demo's build: the synthetic HanCo-format set, with a quarter of its sequences held out
+DEMO_BUILD ?= --src synthetic --synth-sequences 16 --val-fraction 0.25
+# the demo trains the cpu-short recipe (train/recipes.py; how it was chosen: docs/recipes.md)
+DEMO_TRAIN ?= --recipe cpu-short --val-every 100 --diag-every 0 --ckpt-every 100 --keep 3 --no-progress
+# final EMA samples: DDIM 100 steps with eta 1 (ancestral noise: see docs/recipes.md), x0 clipped
+DEMO_SAMPLE ?= --n 128 --steps 100 --eta 1 --no-progress
+# the demo also scores its last checkpoints with the offline extractor (a fixed small network: not FID)
+DEMO_EVAL ?= --all --once --every 350 --n 64 --steps 50 --eta 1 --extractor offline --n-ref 256
 
 .PHONY: install demo test lint format bench clean lock
 
@@ -20,11 +23,15 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/pipeline build --src synthetic --out $(DEMO)/shards
+	$(VENV)/bin/pipeline build $(DEMO_BUILD) --out $(DEMO)/shards
 	$(VENV)/bin/pipeline validate $(DEMO)/shards
 	$(VENV)/bin/pipeline inspect $(DEMO)/shards --out $(DEMO)/inspect.png
-	$(PY) -m train --shards $(DEMO)/shards --out $(DEMO)/runs/flow --method flow $(DEMO_TRAIN) --batch 16
-	$(PY) -m train --shards $(DEMO)/shards --out $(DEMO)/runs/iid --method iid $(DEMO_TRAIN) --batch 48
+	$(PY) -m train --shards $(DEMO)/shards --out $(DEMO)/runs/flow --method flow $(DEMO_TRAIN)
+	$(PY) -m train --shards $(DEMO)/shards --out $(DEMO)/runs/iid --method iid $(DEMO_TRAIN)
+	$(PY) -m eval sample --run $(DEMO)/runs/flow --out $(DEMO)/samples/flow $(DEMO_SAMPLE)
+	$(PY) -m eval sample --run $(DEMO)/runs/iid --out $(DEMO)/samples/iid $(DEMO_SAMPLE)
+	$(PY) -m eval generation flow=$(DEMO)/samples/flow iid=$(DEMO)/samples/iid --shards $(DEMO)/shards \
+		--out $(DEMO)/generation.json --grid $(DEMO)/samples/grid.png
 	$(PY) -m eval watch $(DEMO)/runs/flow $(DEMO_EVAL)
 	$(PY) -m eval watch $(DEMO)/runs/iid $(DEMO_EVAL)
 	$(PY) -m eval report $(DEMO)/runs/flow $(DEMO)/runs/iid --out $(DEMO)/report
@@ -48,6 +55,7 @@ bench: install
 	$(PY) bench/plan_scale.py
 	$(PY) bench/discover_scale.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/generation.py
 
 # docker/requirements.lock: the image's pinned, hashed dependencies (CPython 3.11, Linux x86_64),
 # resolved by uv from a venv of its own (never the project's)

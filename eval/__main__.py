@@ -1,4 +1,4 @@
-"""``python -m eval``: sample, fid, watch, report, study."""
+"""``python -m eval``: sample, fid, generation, watch, report, study."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from shards_spec import SpecError
 
-from . import metrics, report, sample, study, watch
+from . import generation, metrics, report, sample, study, watch
 from .runs import RunError
 
 
@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     fid = sub.add_parser("fid", help="FID/KID/P/R/D/C of sample PNGs against a build's frames")
     metrics.add_arguments(fid)
     fid.set_defaults(func=metrics.run)
+    gen = sub.add_parser(
+        "generation", help="samples against noise and real held-out frames: FD, P/R, background"
+    )
+    generation.add_arguments(gen)
+    gen.set_defaults(func=generation.run)
     wat = sub.add_parser("watch", help="sample and score each checkpoint of a run as it lands")
     watch.add_arguments(wat)
     wat.set_defaults(func=watch.run)

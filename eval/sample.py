@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -255,8 +256,8 @@ def _check_args(args: argparse.Namespace) -> None:
     T = Schedule().T
     if not 1 <= args.steps <= T:
         raise RunError(f"--steps must be in 1..{T}, got {args.steps}")
-    if args.eta < 0:
-        raise RunError(f"--eta must be >= 0, got {args.eta}")
+    if not math.isfinite(args.eta) or args.eta < 0:
+        raise RunError(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.seed < 0:
         raise RunError(f"--seed must be >= 0, got {args.seed}")
     if args.batch < 1:

@@ -47,6 +47,7 @@ EVAL_DEFAULTS = {
     "samples": 256,
     "ddim_steps": 25,
     "clip_x0": True,  # eval sample's default (see its --clip-x0)
+    "eta": 0.0,  # DDIM eta of the samples (0: deterministic)
     "extractor": "offline",
     "n_ref": 2048,
     "splits": ["train", "val"],
@@ -138,6 +139,9 @@ def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
             raise StudyError(f"{where}: {key} must be a non-negative integer")
     if not isinstance(evaluation["clip_x0"], bool):
         raise StudyError(f"{where}: clip_x0 must be true or false")
+    eta = evaluation["eta"]
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 10:
+        raise StudyError(f"{where}: eta must be a number in [0, 10]")
     if evaluation["extractor"] not in ("inception", "offline"):
         raise StudyError(f"{where}: extractor must be 'inception' or 'offline'")
     splits = evaluation["splits"]
@@ -350,7 +354,8 @@ def watch_argv(cell: Cell, study: Study, device: str | None) -> list[str]:
     argv += ["--every", str(cell.plan["ckpt_every"]), "--n", str(ev["samples"])]
     argv += ["--steps", str(ev["ddim_steps"]), "--extractor", str(ev["extractor"])]
     argv += ["--n-ref", str(ev["n_ref"]), "--splits", ",".join(ev["splits"])]
-    argv += ["--batch", str(ev["batch"]), "--clip-x0" if ev["clip_x0"] else "--no-clip-x0"]
+    argv += ["--batch", str(ev["batch"]), "--eta", str(float(ev["eta"]))]
+    argv.append("--clip-x0" if ev["clip_x0"] else "--no-clip-x0")
     if device:
         argv += ["--device", "cuda" if device.startswith("cuda") else device]
     return argv

@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", help="the build to compare with (default: the run's --shards)")
     p.add_argument("--n", type=int, default=5000, help="samples per checkpoint")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps (the paper's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     sample.add_clip_argument(p)
     p.add_argument("--splits", default="train,val", help="reference splits, comma-separated")
     p.add_argument("--n-ref", type=int, default=metrics.DEFAULT_N_REF, help="reference frames")
@@ -81,7 +82,8 @@ def evaluate_step(run: Path, step: int, shards: str, splits: list[str], args) ->
     folder = run / SAMPLES_DIR / f"{step:08d}"
     argv = ["--run", str(run), "--ckpt", str(step), "--n", str(args.n), "--steps",
             str(args.steps), "--out", str(folder), "--seed", str(args.seed), "--batch",
-            str(args.batch), "--clip-x0" if args.clip_x0 else "--no-clip-x0"]  # fmt: skip
+            str(args.batch), "--eta", str(args.eta),
+            "--clip-x0" if args.clip_x0 else "--no-clip-x0"]  # fmt: skip
     if args.device:
         argv += ["--device", args.device]
     parser = argparse.ArgumentParser()
@@ -105,7 +107,7 @@ def evaluate_step(run: Path, step: int, shards: str, splits: list[str], args) ->
             "wall_s": loaded.wall_s,
             "sampler": {
                 "steps": args.steps,
-                "eta": 0.0,
+                "eta": float(args.eta),
                 "ema": True,
                 "seed": args.seed,
                 "clip_x0": bool(args.clip_x0),

@@ -134,3 +134,16 @@ def test_unknown_recipe_and_schedule_are_usage_errors(capsys):
             parse([flag, value])
         assert info.value.code == 2
         assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bf16_autocast_on_cpu_is_an_option(build, tmp_path, capsys):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert main(args(build, fp32, "--max-steps", "2")) == 0
+    assert main(args(build, bf16, "--max-steps", "2", "--precision", "bf16")) == 0
+    a, b = state(fp32, 2)["model"], state(bf16, 2)["model"]
+    assert all(v.dtype == a[k].dtype for k, v in b.items())  # the weights stay float32
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the forward pass ran in bf16
+    assert json.loads((bf16 / "config.json").read_text())["precision"] == "bf16"
+    capsys.readouterr()
+    assert main(args(build, bf16, "--max-steps", "3")) == 2
+    assert "precision 'bf16' -> 'auto'" in capsys.readouterr().err

@@ -171,10 +171,9 @@ def _forward_backward(r: Run, p: Parts, x0, msq, gen, sync: bool) -> dict[str, f
     noise = _rank_noise(r, x0.shape, gen)
     chunks = [c.chunk(r.cfg.grad_accum) for c in (x0, msq, noise.t, noise.eps)]
     parts = list(zip(*chunks, strict=True))
+    bf16 = r.cfg.precision == "bf16" or (r.cfg.precision == "auto" and x0.device.type == "cuda")
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if x0.device.type == "cuda"
-        else contextlib.nullcontext()
+        torch.autocast(x0.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     )
     sums: dict[str, float] = {}
     for i, (x, m, t, eps) in enumerate(parts):
