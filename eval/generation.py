@@ -42,6 +42,7 @@ from .metrics import (
     sample_files,
     write_json,
 )
+from .plots import mosaic
 from .sample import to_uint8
 
 NEAR_BLACK = 24  # a pixel whose brightest channel is at most this (of 255) counts as background
@@ -170,24 +171,13 @@ def table(result: dict[str, Any]) -> str:
     return head + "\n".join(rows)
 
 
-def mosaic(images: np.ndarray, cols: int = 8, pad: int = 1) -> np.ndarray:
-    """Images (n, h, w, 3) tiled ``cols`` wide on a white background."""
-    n, h, w = images.shape[:3]
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        y, x = (pad + k * (side + pad) for k, side in zip(divmod(i, cols), (h, w), strict=True))
-        grid[y : y + h, x : x + w] = image
-    return grid
-
-
 def grid_figure(panels: dict[str, np.ndarray], path: Path, count: int = 32) -> None:
     """One panel per named image set (its first ``count``), side by side, as a PNG."""
     fig = Figure(figsize=(3.2 * len(panels), 2.0), dpi=150, layout="constrained")
     FigureCanvasAgg(fig)
     for i, (title, images) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(mosaic(images[:count]), interpolation="nearest")
+        ax.imshow(mosaic(images[:count], cols=8), interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -226,6 +226,18 @@ def latest_samples(run) -> tuple[int, list[Path]] | None:
     return None
 
 
+def mosaic(images: np.ndarray, cols: int, pad: int = 1) -> np.ndarray:
+    """Images (n, h, w, 3) uint8 tiled ``cols`` wide, ``pad`` white pixels around each."""
+    n, h, w = images.shape[:3]
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
 def sample_grid(variant, path: Path) -> str | None:
     """A grid of the first 36 (or 16) samples of the variant's first seed; its caption."""
     run = variant.runs[0]
@@ -241,10 +253,7 @@ def sample_grid(variant, path: Path) -> str | None:
     ]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = tile
+    grid = mosaic(np.stack(tiles), cols, pad=2)
     side = min(8.0, max(3.0, cols * 1.1))
     fig = Figure(figsize=(side, side * rows / cols + 0.4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
