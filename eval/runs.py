@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from train import checkpoint
-from train.diffusion import SCHEDULES, Schedule
+from train.diffusion import PREDICTIONS, SCHEDULES, Schedule
 from train.options import LEGACY_DEFAULTS
 from train.unet import PRESETS, UNet, build_unet
 
 EVALS_DIR = "evals"  # RUN/evals/{step:08d}-{split}-{extractor}.json, one per evaluation
+SAMPLES_DIR = "samples"  # RUN/samples/{step:08d}/: eval watch's samples of a checkpoint
 
 
 class RunError(ValueError):
@@ -33,27 +37,36 @@ class Loaded:
 
     @property
     def schedule(self) -> Schedule:
-        """The noise schedule the run trained with (linear for runs made before --schedule)."""
+        """The noise schedule the run trained with and what its network predicts (linear and
+        eps for runs made before --schedule and --prediction)."""
         return schedule_of(self.config)
 
 
 def schedule_of(config: dict[str, Any]) -> Schedule:
-    """The noise schedule a run's config.json names (RunError for an unknown one)."""
+    """The noise schedule and prediction a run's config.json names (RunError for unknown ones)."""
     kind = config.get("schedule", LEGACY_DEFAULTS["schedule"])
     if kind not in SCHEDULES:
         raise RunError(f"config.json: unknown schedule {kind!r} (known: {', '.join(SCHEDULES)})")
-    return Schedule(kind=kind)
+    prediction = config.get("prediction", LEGACY_DEFAULTS["prediction"])
+    if prediction not in PREDICTIONS:
+        raise RunError(
+            f"config.json: unknown prediction {prediction!r} (known: {', '.join(PREDICTIONS)})"
+        )
+    return Schedule(kind=kind, prediction=prediction)
 
 
 def read_config(run: Path | str) -> dict[str, Any]:
     """RUN/config.json (RunError when the folder is not a training run)."""
     file = Path(run) / "config.json"
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except FileNotFoundError:
         raise RunError(f"{run} is not a training run: {file.name} is missing") from None
     except (OSError, ValueError) as exc:
         raise RunError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{file}: not a JSON object (a {type(config).__name__}): not a run's config")
+    return config
 
 
 def checkpoint_path(run: Path | str, which: str | int = "last") -> Path:
@@ -112,3 +125,61 @@ def load(run: Path | str, which: str | int = "last", ema: bool = True, device="c
         wall_s=float(state["wall_s"]),
         path=path,
     )
+
+
+# --- checks of command-line values, shared by the eval commands ----------------------------------
+
+
+def check_finite(flag: str, value: float, low: float = 0.0, strict: bool = False) -> None:
+    """RunError unless ``value`` is a finite number >= ``low`` (> ``low`` when ``strict``)."""
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        relation = ">" if strict else ">="
+        raise RunError(f"{flag} must be a finite number {relation} {low:g}, got {value}")
+
+
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str | None, flag: str = "--device", auto: bool = False) -> None:
+    """RunError for a device that is not cpu, cuda or cuda:N, or a CUDA device this host lacks."""
+    if device is None or (auto and device == "auto"):
+        return
+    if not _DEVICE_RE.fullmatch(device):
+        also = ", auto" if auto else ""
+        raise RunError(f"{flag} {device!r}: use cpu, cuda or cuda:N{also}")
+    if device == "cpu":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= count:
+        raise RunError(f"{flag} {device}: this host has {count} visible CUDA device(s)")
+
+
+def _check_folder(folder: Path, flag: str, given: Path) -> None:
+    """RunError unless ``folder`` is, or can be made as, a folder this process can write."""
+    above = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not above.is_dir():
+        what = "is a file, not a folder" if above == given else f"is below a file ({above})"
+        raise RunError(f"{flag} {given} {what}")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise RunError(f"{flag} {given}: {above} is not writable")
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output folder that exists or can be made, and is writable (RunError otherwise)."""
+    path = Path(path)
+    _check_folder(path, flag, path)
+    return path
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output file whose folder exists or can be made, and is writable; not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{flag} {path} is a folder: give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise RunError(f"{flag} {path} is not writable")
+    _check_folder(path.parent, flag, path)
+    return path
