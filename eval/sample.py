@@ -10,15 +10,18 @@ by ~5e-7 between batch 1..16 and 17+, which moves an odd pixel by one level.
 
 The output folder is resumable: ``DIR/{index:06d}.png`` already present are skipped, each file
 is written under a temporary name and renamed, and ``DIR/sample.json`` records what the folder
-holds so that a later call with another run, checkpoint or sampler is refused.
-Under torchrun, rank ``r`` of ``w`` takes the indices ``i`` with ``i % w == r``.
+holds so that a later call with another run, checkpoint or sampler is refused; a non-empty
+folder without that record is refused too (its PNGs are not this command's). ``n`` in the record
+is the largest count asked for, and ``complete`` and ``written`` say how many of those are there.
+One process samples into a folder at a time (a lock on ``DIR/.lock``; a second one is refused
+with the holder's PID). Under torchrun, rank ``r`` of ``w`` takes the indices ``i`` with
+``i % w == r``; rank 0 holds the lock.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -30,13 +33,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.runs import RunError, load
-from train import distributed
+from eval.runs import RunError, check_device, check_finite, check_out_dir, load
+from train import distributed, folder_lock
 from train.diffusion import Schedule, ddim_step, ddim_timesteps
 
 RECORD_NAME = "sample.json"
 MUST_MATCH = ("run", "step", "ema", "steps", "eta", "seed", "clip_x0")  # a resumed DIR shares
 RECORD_LEGACY = {"clip_x0": False}  # what a folder sampled before a field existed was sampled with
+# what may be in a folder before its first record: the lock and a killed write of the record
+BEFORE_RECORD = frozenset({folder_lock.LOCK_NAME, f".{RECORD_NAME}.tmp"})
 
 
 def image_name(index: int) -> str:
@@ -105,10 +110,10 @@ def _sample_batch(
     nexts = timesteps[1:] + [-1]
     for t, t_prev in zip(timesteps, nexts, strict=True):
         with _autocast(device, dtype):
-            eps = model(torch.cat([x, pad]), tt.fill_(t))
-        eps = eps[: len(indices)].float()
+            out = model(torch.cat([x, pad]), tt.fill_(t))
+        out = out[: len(indices)].float()
         noise = _noise(gens, shape, device) if eta > 0 else None
-        x = ddim_step(sched, x, eps, t, t_prev, eta, noise, clip)
+        x = ddim_step(sched, x, out, t, t_prev, eta, noise, clip)
     return to_uint8(x)
 
 
@@ -183,10 +188,20 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 
 def check_record(folder: Path, record: dict[str, Any]) -> None:
-    """Refuse (RunError) a folder whose sample.json differs from ``record`` in MUST_MATCH."""
+    """Refuse (RunError) a folder whose sample.json differs from ``record`` in MUST_MATCH, or a
+    non-empty folder without one (its files are not this command's)."""
     old = read_record(folder)
     if old is None:
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in BEFORE_RECORD)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise RunError(
+                f"{folder} holds files ({foreign[0]}{more}) but no {RECORD_NAME}: not a folder of "
+                "eval sample; use an empty or new --out"
+            )
         return
+    if not isinstance(old, dict):
+        raise RunError(f"{folder / RECORD_NAME}: not a JSON object; use another --out")
     old = {**RECORD_LEGACY, **old}
     diff = [k for k in MUST_MATCH if old.get(k) != record[k]]
     if diff:
@@ -195,9 +210,12 @@ def check_record(folder: Path, record: dict[str, Any]) -> None:
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:
-    """Write ``folder/sample.json`` atomically; ``n`` never shrinks below the recorded one."""
+    """Write ``folder/sample.json`` atomically; ``n`` never shrinks below the recorded one, and
+    ``complete`` / ``written`` say what the folder holds of that ``n`` (not of this call's)."""
     old = read_record(folder) or {}
-    record = {**record, "n": max(int(record["n"]), int(old.get("n", 0)))}
+    n = max(int(record["n"]), int(old.get("n", 0)))
+    written = n - len(todo(folder, n))
+    record = {**record, "n": n, "complete": written == n, "written": written}
     file, tmp = folder / RECORD_NAME, folder / f".{RECORD_NAME}.tmp"
     with open(tmp, "w") as f:
         f.write(json.dumps(record, indent=2) + "\n")
@@ -256,12 +274,13 @@ def _check_args(args: argparse.Namespace) -> None:
     T = Schedule().T
     if not 1 <= args.steps <= T:
         raise RunError(f"--steps must be in 1..{T}, got {args.steps}")
-    if not math.isfinite(args.eta) or args.eta < 0:
-        raise RunError(f"--eta must be a finite number >= 0, got {args.eta}")
+    check_finite("--eta", args.eta)
     if args.seed < 0:
         raise RunError(f"--seed must be >= 0, got {args.seed}")
     if args.batch < 1:
         raise RunError(f"--batch must be >= 1, got {args.batch}")
+    check_device(args.device)
+    check_out_dir(args.out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -296,13 +315,42 @@ def _run(args: argparse.Namespace, world: distributed.World) -> None:
         "seed": args.seed,
         "clip_x0": bool(args.clip_x0),
         "schedule": loaded.schedule.kind,
+        "prediction": loaded.schedule.prediction,
         "n": args.n,
     }
     folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    check_record(folder, record)
-    if world.main:  # at once, so that a killed run's folder is refused to other settings too
-        write_record(folder, {**record, "complete": False})
+    lock = _claim(folder, record, world)
+    try:
+        _fill(folder, record, loaded, args, world)
+    finally:
+        if lock is not None:
+            folder_lock.release(lock)
+
+
+def _claim(folder: Path, record: dict[str, Any], world: distributed.World) -> int | None:
+    """Rank 0 locks the folder and checks it against ``record``; every rank learns the outcome.
+
+    Returns rank 0's lock (None on the other ranks); RunError when the folder is refused.
+    """
+    lock, refusal = None, None
+    if world.main:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = folder_lock.acquire(folder, "sample folder")
+            check_record(folder, record)
+            # at once, so that a killed run's folder is refused to other settings too
+            write_record(folder, record)
+        except (RunError, folder_lock.FolderBusy, OSError) as exc:
+            refusal = RunError(str(exc)) if not isinstance(exc, RunError) else exc
+            if lock is not None:
+                folder_lock.release(lock)
+    if distributed.broadcast_float(world, 0.0 if refusal else 1.0) == 0.0:
+        raise refusal or RunError(f"{folder}: refused by rank 0 (see its error)")
+    return lock
+
+
+def _fill(folder: Path, record: dict[str, Any], loaded, args, world: distributed.World) -> None:
+    """Sample this rank's missing indices, then (rank 0) record what the folder holds."""
     remove_stale_temps(folder, world.rank, world.size)
     mine = todo(folder, args.n, world.rank, world.size)
     sched = loaded.schedule
@@ -324,6 +372,6 @@ def _run(args: argparse.Namespace, world: distributed.World) -> None:
             write_png(folder, index, image)
         bar.update(len(chunk))
     bar.close()
+    distributed.broadcast_float(world, 1.0)  # every rank has written its images
     if world.main:
-        # complete when every index 0..n-1 is there (other ranks may still be writing theirs)
-        write_record(folder, {**record, "complete": not todo(folder, args.n)})
+        write_record(folder, record)  # what is there now
