@@ -4,8 +4,11 @@ For each new checkpoint: sample ``--n`` images into ``RUN/samples/{step:08d}/`` 
 compare them with each split's reference frames, and write one JSON per (step, split,
 extractor) to ``RUN/evals/`` with where the checkpoint was in training (step, epoch, images
 processed, training wall-clock: evaluation time never counts as training time). It runs beside
-training (another GPU: ``--device cuda:1``) or after it (``--all``), and stops when the run's
-last step is evaluated (or at once with ``--once``). The trainer knows nothing of it.
+training (another GPU: ``--device cuda:1``) or after it (``--all``), and stops once the run is
+finished (a ``{"kind": "finished"}`` record in metrics.jsonl, or a checkpoint at config.json's
+``total_steps``) and the checkpoints it was asked for are evaluated, or at once with ``--once``.
+The build is ``--shards``, else the run's own (an old run's relative path is looked for from the
+current folder and from the run folder's parents). The trainer knows nothing of it.
 """
 
 from __future__ import annotations
@@ -14,13 +17,23 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from shards_spec.format import MANIFEST_NAME
 from train import checkpoint
+from train.diffusion import Schedule
+from train.metrics import METRICS_NAME, read_metrics
 
 from . import metrics, sample
-from .runs import EVALS_DIR, RunError, load, read_config
-
-SAMPLES_DIR = "samples"
+from .runs import (
+    EVALS_DIR,
+    SAMPLES_DIR,
+    RunError,
+    check_device,
+    check_finite,
+    load,
+    read_config,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,17 +60,67 @@ def eval_path(run: Path, step: int, split: str, extractor: str) -> Path:
     return Path(run) / EVALS_DIR / f"{step:08d}-{split}-{extractor}.json"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """One-line RunError for option values out of range."""
+    for flag, value, low in (("--n", args.n, 2), ("--n-ref", args.n_ref, 2), ("--batch", args.batch, 1),
+                             ("--every", args.every, 0), ("--seed", args.seed, 0)):  # fmt: skip
+        if value < low:
+            raise RunError(f"{flag} must be >= {low}, got {value}")
+    T = Schedule().T
+    if not 1 <= args.steps <= T:
+        raise RunError(f"--steps must be in 1..{T}, got {args.steps}")
+    check_finite("--eta", args.eta)
+    check_finite("--poll", args.poll, strict=True)
+    check_device(args.device)
+
+
+def find_build(run: Path, shards: str | None) -> str:
+    """The build a run trained on: as config.json stores it, or (an old run's relative path)
+    from the current folder or one of the run folder's parents; RunError naming what was tried."""
+    if not shards:
+        raise RunError(f"{run}/config.json names no build (shards): give --shards")
+    stored = Path(shards)
+    tried = [stored]
+    if not stored.is_absolute():
+        tried += [above / stored for above in Path(run).resolve().parents]
+    for where in tried:
+        if (where / MANIFEST_NAME).is_file():
+            return str(where)
+    shown = ", ".join(str(t) for t in dict.fromkeys(tried))
+    raise RunError(f"the run's build {shards!r} is not found (tried {shown}): give --shards")
+
+
+def finished(run: Path, config: dict[str, Any]) -> bool:
+    """Whether the run can bring no more checkpoints: its last record of ``finished`` and
+    ``resume`` is a ``finished``, or its last checkpoint is at config.json's ``total_steps``."""
+    saved = checkpoint.steps_saved(run)
+    total = config.get("total_steps")
+    if saved and isinstance(total, int) and saved[-1] >= total:
+        return True
+    try:
+        records = read_metrics(run) if (run / METRICS_NAME).is_file() else []
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):  # a damaged file
+        return False
+    kinds = [r.get("kind") for r in records if isinstance(r, dict)]
+    ends = [k for k in kinds if k in ("finished", "resume")]
+    return bool(ends) and ends[-1] == "finished"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Watch until the run's last step is evaluated (or once); returns 0."""
+    """Watch until the run is finished and its checkpoints are evaluated (or once); returns 0."""
+    check_args(args)
     run_dir = Path(args.run)
     config = read_config(run_dir)
-    shards = args.shards or config.get("shards")
+    shards = args.shards or find_build(run_dir, config.get("shards"))
     splits = [s for s in args.splits.split(",") if s]
+    if not splits:
+        raise RunError("--splits names no split")
     seen = set() if (args.all or args.once) else set(checkpoint.steps_saved(run_dir))
     if seen:
         print(f"watching {run_dir}: {len(seen)} checkpoints already there are left out "
               "(--all includes them)", file=sys.stderr)  # fmt: skip
     while True:
+        done = finished(run_dir, config)  # before the listing: then it holds every checkpoint
         for step in checkpoint.steps_saved(run_dir):
             if step in seen or (args.every and step % args.every):
                 continue
@@ -66,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 evaluate_step(run_dir, step, shards, splits, args)
             except RunError as exc:  # pruned by the trainer meanwhile, or damaged
                 print(f"warning: step {step} not evaluated: {exc}", file=sys.stderr)
-        last = config.get("total_steps")
-        if args.once or (last is not None and last in seen):
+        if args.once or done:
             return 0
         time.sleep(args.poll)
         config = read_config(run_dir)  # a resumed run may have a new length
