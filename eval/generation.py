@@ -43,6 +43,7 @@ from .metrics import (
     write_json,
 )
 from .plots import mosaic
+from .runs import check_out_file
 from .sample import to_uint8
 
 NEAR_BLACK = 24  # a pixel whose brightest channel is at most this (of 255) counts as background
@@ -208,6 +209,9 @@ def _named(specs: list[str]) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        if path:  # before the work, not after it
+            check_out_file(path, flag)
     folders = _named(args.samples)
     samples = {name: load_folder(folder) for name, folder in folders.items()}
     result = compare(

@@ -44,6 +44,7 @@ from .features import (
     get_extractor,
     list_images,
 )
+from .runs import check_device, check_out_file
 
 DEFAULT_N_REF = 25000
 KID_SUBSETS = 100  # clean-fid's kernel_distance defaults
@@ -449,6 +450,9 @@ def write_json(path: str | os.PathLike, result: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``fid`` subcommand: summary on stderr, JSON as the last stdout line; 0."""
+    check_device(args.device, auto=True)
+    if args.out:  # before the work, not after it
+        check_out_file(args.out)
     result = evaluate(
         args.samples,
         args.shards,
