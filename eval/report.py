@@ -20,7 +20,7 @@ from typing import Any
 
 from eval import plots
 from eval.plots import fmt_axis, mean_std, table
-from eval.runs import EVALS_DIR, RunError, read_config
+from eval.runs import EVALS_DIR, RunError, check_out_dir, read_config
 from train.metrics import METRICS_NAME, read_metrics
 from train.options import WINDOW_METHODS
 
@@ -125,8 +125,6 @@ def load_run(path: Path) -> Run:
         config = read_config(path)
     except RunError as exc:
         raise ReportError(str(exc)) from None
-    if not isinstance(config, dict):
-        raise ReportError(f"{path}/config.json is not a JSON object")
     notes: list[str] = []
     records: list[dict[str, Any]] = []
     if (path / METRICS_NAME).is_file():
@@ -148,11 +146,44 @@ def _read_evals(path: Path, notes: list[str]) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             notes.append(f"unreadable {EVALS_DIR}/{file.name} (skipped)")
             continue
-        if isinstance(ev, dict) and all(k in ev for k in ("step", "split", "extractor")):
+        why = malformed(ev)
+        if why is None:
             evals.append(ev)
         else:
-            notes.append(f"{EVALS_DIR}/{file.name} lacks step/split/extractor (skipped)")
+            notes.append(f"{EVALS_DIR}/{file.name} {why} (skipped)")
+            print(f"warning: {file}: {why}; skipped", file=sys.stderr)
     return evals
+
+
+# the fields of an evaluation the report reads, and what each must be (None is allowed where
+# the field is optional)
+_NUMBERS = ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage", "epoch",
+            "images", "wall_s")  # fmt: skip
+_COUNTS = ("n_samples", "n_ref")
+
+
+def malformed(ev: Any) -> str | None:
+    """What is wrong with an evaluation record, in words (None: it can be reported)."""
+    if not isinstance(ev, dict):
+        return f"is not a JSON object (a {type(ev).__name__})"
+    missing = [k for k in ("step", "split", "extractor") if k not in ev]
+    if missing:
+        return f"lacks {'/'.join(missing)}"
+    step = ev["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"has step {step!r}, not a step number"
+    for key in ("split", "extractor"):
+        if not isinstance(ev[key], str):
+            return f"has {key} {ev[key]!r}, not a name"
+    for key in _NUMBERS:
+        value = ev.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"has {key} {value!r}, not a number"
+    for key in _COUNTS:
+        value = ev.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"has {key} {value!r}, not a count"
+    return None
 
 
 def variant_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -427,16 +458,37 @@ def extractor_section(variants: list[Variant], extractor: str) -> list[str]:
     return lines
 
 
+def distinct_runs(runs: list[Path]) -> list[Path]:
+    """The run folders, each once: one given twice (another path, a symlink) is one run, with a
+    warning, not two seeds."""
+    first: dict[Path, Path] = {}
+    for given in map(Path, runs):
+        real = given.resolve()
+        if real in first:
+            print(f"warning: {given} is the run folder {first[real]} again; counted once",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        first[real] = given
+    return list(first.values())
+
+
 def make_report(runs: list[Path], out: Path, extractor: str | None = None) -> Path:
     """Write ``out/report.md`` and its PNG plots for the run folders; return report.md."""
-    paths = list(dict.fromkeys(Path(p) for p in runs))
+    paths = distinct_runs(runs)
     if not paths:
         raise ReportError("no run folders given")
+    out = Path(out)
+    try:
+        check_out_dir(out)
+    except RunError as exc:
+        raise ReportError(str(exc)) from None
     loaded = [load_run(p) for p in paths]
     variants = group(loaded)
     extractors = [extractor] if extractor else _extractors(loaded)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"--out {out}: cannot make the folder ({exc})") from None
     lines = ["# Training report", "", f"{len(loaded)} runs in {len(variants)} variants.", ""]
     lines += ["## Runs", "", *runs_table(variants), ""]
     for ext in extractors:
