@@ -232,14 +232,37 @@ def inception_extractor(weights: str | os.PathLike | None = None, device: str = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation
             model = _load_inception(file)
+    except AttributeError as exc:  # TorchScript, without clean-fid's ``layers``
+        raise FeatureError(f"{file}: {_NOT_INCEPTION}; {_first_line(exc)}") from None
     except (RuntimeError, OSError, ValueError) as exc:
         raise FeatureError(
             f"{file}: cannot load the Inception model ({_first_line(exc)})"
         ) from None
     dev = torch.device(device)
     model = model.to(dev).eval()
+    _check_inception(file, model, dev)
     version = f"{INCEPTION_FILE}:{file.stat().st_size}:clean-fid-{_cleanfid_version()}"
     return Extractor("inception", version, model, dev, 2048)
+
+
+_NOT_INCEPTION = (
+    f"not the expected Inception network (clean-fid's Inception-v3 of {INCEPTION_FILE}: "
+    "1x2048 features of a 1x3x299x299 image)"
+)
+
+
+def _check_inception(file: Path, model: nn.Module, device: torch.device) -> None:
+    """FeatureError unless the model maps a clean-resized image to one 2048-d feature vector."""
+    dummy = torch.full((1, 3, RESIZE_SIZE, RESIZE_SIZE), 128.0, device=device)
+    try:
+        with torch.no_grad():
+            out = model(dummy)
+        got = f"it gives {tuple(out.shape)}" if isinstance(out, torch.Tensor) else "no tensor"
+        ok = isinstance(out, torch.Tensor) and tuple(out.shape) == (1, 2048)
+    except Exception as exc:  # a TorchScript error of any kind: not the network it should be
+        got, ok = f"it fails on one: {_first_line(exc)}", False
+    if not ok:
+        raise FeatureError(f"{file}: {_NOT_INCEPTION}; {got}")
 
 
 def _cleanfid_version() -> str:
