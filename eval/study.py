@@ -9,15 +9,30 @@ its checkpoints by ``python -m eval watch``; then ``eval report`` writes ``DIR/r
 
 Resumable cell by cell: ``DIR/runs/X/cell.json`` records the plan a cell was run with and
 whether it finished; a finished cell with the same plan is never rerun, and an unfinished one
-continues from its newest checkpoint (the trainer's resume). Cells run one after another, or
-``--jobs N`` at a time (``--devices cuda:0,cuda:1``: one device per running cell).
+continues from its newest checkpoint (the trainer's resume); when the evaluation settings that
+make the samples and scores changed, the cell's ``evals/`` and ``samples/`` are made again with
+the new ones. Cells run one after another, or ``--jobs N`` at a time (``--devices
+cuda:0,cuda:1``: one device per running cell).
+
+A cell has one study process at a time (a lock on ``DIR/runs/X/.study-cell/``), and a cell whose
+run folder a trainer still holds is reported busy, not started again. Every child process runs in
+its own process group; SIGTERM or SIGINT to the study stops those groups (SIGKILL after
+``STOP_GRACE_S``) before it exits. Study-file tables and keys are checked by their full names (a
+misspelling is an error naming the nearest valid one); cell options are ``python -m train``
+options by their full names, without the dashes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import functools
 import json
+import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -28,18 +43,23 @@ from pathlib import Path
 from typing import Any
 
 from shards_spec import SpecError, open_build
-from train import checkpoint
+from train import checkpoint, folder_lock
+from train import options as train_options
 from train.objectives import METHODS
 from train.options import WINDOW_METHODS
 
 from .plots import duration
-from .runs import RunError, read_config
+from .runs import EVALS_DIR, SAMPLES_DIR, RunError, check_device, check_out_dir, read_config
 
 CELL_FILE = "cell.json"
+CELL_LOCK = ".study-cell"  # RUN/.study-cell/.lock: held by the study process running the cell
 RUNS_DIR = "runs"
+STOP_GRACE_S = 10.0  # after SIGTERM, a cell's processes get this long before SIGKILL
 # set by the runner for every cell; a study that sets them is refused
-_RESERVED = "shards out seed max_steps epochs resume ckpt_every keep val_every diag_every device"
-RESERVED = frozenset([*_RESERVED.split(), "progress", "no_progress"])
+_RESERVED = "shards out seed max_steps epochs resume no_resume ckpt_every keep val_every diag_every"
+RESERVED = frozenset([*_RESERVED.split(), "device", "progress", "no_progress"])
+TABLES = ("name", "build", "budget", "evaluation", "train", "cell", "questions")
+CELL_KEYS = ("name", "images")  # a cell's own keys; the others are python -m train options
 EVAL_DEFAULTS = {
     "val_points": 20,  # validation-loss points per cell (fixed t and eps)
     "diag_points": 5,  # gradient-variance estimates per cell
@@ -53,6 +73,8 @@ EVAL_DEFAULTS = {
     "splits": ["train", "val"],
     "batch": 64,
 }
+# the evaluation settings that make a cell's samples and scores (the others shape its plan)
+EVAL_OUTPUT = ("samples", "ddim_steps", "clip_x0", "eta", "extractor", "n_ref", "splits", "batch")
 
 
 class StudyError(RunError):
@@ -114,6 +136,52 @@ def _toml():
     return tomllib
 
 
+def unknown_keys(table: dict, known, where: str, tables: bool = False) -> None:
+    """StudyError naming the first key of ``table`` not in ``known`` and the nearest known one."""
+    extra = sorted(k for k in table if k not in known)
+    if not extra:
+        return
+    key, known = extra[0], sorted(known)
+    kind = "table" if tables and isinstance(table[key], dict) else "key"
+    near = difflib.get_close_matches(key, known, n=1)
+    if near:
+        hint = f"; did you mean {near[0]!r}?"
+    else:
+        hint = f" (known: {', '.join(known)})" if len(known) <= 12 else ""
+    more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+    raise StudyError(f"{where}: unknown {kind} {key!r}{more}{hint}")
+
+
+@functools.cache
+def train_flags() -> dict[str, argparse.Action]:
+    """``python -m train``'s options by their full names with ``_`` for ``-`` (``lam`` too)."""
+    flags: dict[str, argparse.Action] = {}
+    for action in train_options.parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                flags[flag[2:].replace("-", "_")] = action
+    flags.setdefault("lam", flags.get("lambda"))
+    return flags
+
+
+def _check_option(key: str, value: Any, where: str) -> None:
+    """StudyError unless ``value`` is what train's option ``key`` takes (finite numbers)."""
+    action = train_flags()[key]
+    if action.nargs == 0:  # a switch: true or false
+        ok, want = isinstance(value, bool), "true or false"
+    elif action.type is int:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif action.type is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    else:
+        ok, want = isinstance(value, str), "a string"
+    if ok and action.choices is not None and value not in action.choices:
+        ok, want = False, f"one of {', '.join(map(str, action.choices))}"
+    if not ok:
+        raise StudyError(f"{where}: {key} must be {want}, got {value!r}")
+
+
 def _table(data: dict, key: str, where: str) -> dict:
     value = data.get(key, {})
     if not isinstance(value, dict):
@@ -128,9 +196,7 @@ def _positive_int(value: Any) -> bool:
 def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
     evaluation = {**EVAL_DEFAULTS, **_table(data, "evaluation", where)}
     where = f"{where} [evaluation]"
-    unknown = set(evaluation) - set(EVAL_DEFAULTS)
-    if unknown:
-        raise StudyError(f"{where}: unknown keys {sorted(unknown)}")
+    unknown_keys(evaluation, EVAL_DEFAULTS, where)
     for key in ("points", "samples", "ddim_steps", "n_ref", "batch"):
         if not _positive_int(evaluation[key]):
             raise StudyError(f"{where}: {key} must be a positive integer")
@@ -140,7 +206,7 @@ def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
     if not isinstance(evaluation["clip_x0"], bool):
         raise StudyError(f"{where}: clip_x0 must be true or false")
     eta = evaluation["eta"]
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 10:
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 10:  # not nan
         raise StudyError(f"{where}: eta must be a number in [0, 10]")
     if evaluation["extractor"] not in ("inception", "offline"):
         raise StudyError(f"{where}: extractor must be 'inception' or 'offline'")
@@ -180,8 +246,19 @@ def _check_cells(data: dict, train: dict, where: str) -> list[dict[str, Any]]:
             raise StudyError(f"{cw}: {sorted(clash)} are set by the study runner")
         if {"lam", "lambda"} <= set(cell) | set(train):
             raise StudyError(f"{cw}: give lambda once (lam and lambda are the same option)")
+        _check_options(cell, cw, CELL_KEYS)
         out.append(cell)
     return out
+
+
+def _check_options(table: dict, where: str, own: tuple[str, ...]) -> None:
+    """Every key of a [train] or [[cell]] table is one of ``own`` or a train option by its full
+    name (never an abbreviation), with a value of the option's type."""
+    options = set(train_flags()) - RESERVED
+    unknown_keys(table, options | set(own) | (set(table) & RESERVED), where)
+    for key, value in table.items():
+        if key in options:
+            _check_option(key, value, where)
 
 
 ROLES = ("baseline", "step_matched", "method", "adjacent", "seq")
@@ -190,11 +267,7 @@ ROLES = ("baseline", "step_matched", "method", "adjacent", "seq")
 def _check_questions(data: dict, names: set[str], where: str) -> dict[str, Any]:
     questions = _table(data, "questions", where)
     where = f"{where} [questions]"
-    unknown = set(questions) - {*ROLES, "lambdas"}
-    if unknown:
-        raise StudyError(
-            f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(ROLES)}, lambdas)"
-        )
+    unknown_keys(questions, {*ROLES, "lambdas"}, where)
     lambdas = questions.get("lambdas", [])
     if not isinstance(lambdas, list):
         raise StudyError(f"{where}: lambdas must be a list of cell names")
@@ -214,8 +287,11 @@ def load_study(path: Path | str, out: Path | str) -> Study:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise StudyError(f"{path}: not a readable TOML file ({exc})") from None
     where = str(path)
+    unknown_keys(data, TABLES, where, tables=True)
     build = _need(data, "build", dict, where)
+    unknown_keys(build, ("path", "pipeline"), f"{where} [build]")
     budget = _need(data, "budget", dict, where)
+    unknown_keys(budget, ("images",), f"{where} [budget]")
     images = _need(budget, "images", int, f"{where} [budget]")
     if images <= 0:
         raise StudyError(f"{where} [budget]: images must be positive")
@@ -229,6 +305,7 @@ def load_study(path: Path | str, out: Path | str) -> Study:
     ):
         raise StudyError(f"{where} [train]: seeds must be a list of distinct integers >= 0")
     grid = _check_cells(data, train, where)
+    _check_options(train, f"{where} [train]", ())
     pipeline = build.get("pipeline", [])
     if not isinstance(pipeline, list) or not all(
         isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in pipeline
@@ -256,7 +333,7 @@ def ensure_build(study: Study, out: Path) -> dict[str, Any]:
         for argv in study.pipeline:
             cmd = [sys.executable, "-m", "pipeline", *argv]
             print(f"study: {' '.join(cmd[1:])}  (in {out})", file=sys.stderr)
-            code = subprocess.call(cmd, cwd=out)
+            code = CHILDREN.call(cmd, cwd=out)
             if code:
                 raise StudyError(f"pipeline {argv[0]} failed (exit code {code}); see above")
     try:
@@ -322,7 +399,12 @@ def plan(cell: Cell, study: Study, window: int) -> dict[str, Any]:
 
 
 def _flag(key: str, value: Any) -> list[str]:
+    """A study key and value as ``python -m train`` arguments, by the option's full name."""
     name = "--" + ("lambda" if key in ("lam", "lambda") else key.replace("_", "-"))
+    action = train_flags().get(key)
+    if isinstance(action, argparse.BooleanOptionalAction) and isinstance(value, bool):
+        yes = action.option_strings[0]  # --ema-warmup; --no-ema-warmup is false
+        return [yes if value == (name == yes) else "--no-" + yes[2:]]
     if value is True:
         return [name]
     if value is False or value is None:
@@ -420,14 +502,132 @@ def _what_counts(identity: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**identity, "plan": plan}
 
 
+class Stopped(BaseException):
+    """The study got SIGTERM or SIGINT: its processes are being stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class Children:
+    """The processes a study starts, each in its own process group, stopped together on a signal.
+
+    `stop` (the signal handler) sends SIGTERM to every group; the thread waiting on a child sends
+    SIGKILL to its group after STOP_GRACE_S, and to what is left of it once the child exits; then
+    `Stopped` ends the study instead of recording a failed cell. Nothing new starts meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping: int | None = None
+        self._since = 0.0
+
+    def reset(self) -> None:
+        self.stopping = None
+
+    def check(self) -> None:
+        """Raise `Stopped` once a signal came."""
+        if self.stopping is not None:
+            raise Stopped(self.stopping)
+
+    def stop(self, signum: int, frame=None) -> None:
+        """The signal handler: SIGTERM to every group (SIGKILL when a second signal comes)."""
+        again = self.stopping is not None
+        if not again:
+            self.stopping, self._since = signum, time.monotonic()
+        for proc in list(self._procs):
+            _killpg(proc.pid, signal.SIGKILL if again else signal.SIGTERM)
+
+    def call(self, argv: list[str], **kwargs) -> int:
+        """Run ``argv`` in its own process group to its end; its exit code."""
+        self.check()
+        with self._lock:
+            proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+            self._procs.add(proc)
+        try:
+            if self.stopping is not None:  # the signal came while it started
+                _killpg(proc.pid, signal.SIGTERM)
+            while True:
+                try:
+                    code = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if self.stopping is not None and time.monotonic() - self._since > STOP_GRACE_S:
+                        _killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if self.stopping is not None:
+                _killpg(proc.pid, signal.SIGKILL)  # what the child left in its group
+            with self._lock:
+                self._procs.discard(proc)
+        self.check()
+        return code
+
+
+CHILDREN = Children()
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT stop the study's processes (in the main thread; elsewhere a no-op)."""
+    CHILDREN.reset()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    before = {sig: signal.signal(sig, CHILDREN.stop) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _trainer_idle(run: Path) -> None:
+    """`FolderBusy` when a trainer (of a killed study, or started by hand) holds the run folder."""
+    if run.is_dir():
+        folder_lock.release(folder_lock.acquire(run, "training run"))
+
+
+def _stale_evaluation(record: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
+    """The EVAL_OUTPUT settings in which the cell's evaluations so far differ from the study's."""
+    before = record.get("evaluation")
+    if not isinstance(before, dict):
+        return []
+    return [k for k in EVAL_OUTPUT if before.get(k, EVAL_DEFAULTS[k]) != evaluation[k]]
+
+
 def run_cell(
     cell: Cell, study: Study, progress: bool, device: str | None, say
 ) -> tuple[str, float]:
-    """Train and evaluate one cell unless it is finished; ('done'|'skipped'|'failed ...', s).
+    """Train and evaluate one cell unless it is finished; ('done'|'skipped'|'failed ...'|
+    'busy ...', seconds).
 
     A finished cell with the same plan is skipped; with other evaluation settings only its
-    evaluation runs again; a changed budget continues its training; changed options fail.
+    evaluation runs again (from scratch); a changed budget continues its training; changed
+    options fail. A cell that another study process runs, or whose run folder a trainer holds,
+    is busy: nothing is started.
     """
+    CHILDREN.check()
+    try:
+        lock = cell.run / CELL_LOCK
+        lock.mkdir(parents=True, exist_ok=True)
+        with folder_lock.hold(lock, "study cell"):
+            return _run_cell(cell, study, progress, device, say)
+    except folder_lock.FolderBusy as exc:
+        return f"busy: {exc}", 0.0
+
+
+def _run_cell(
+    cell: Cell, study: Study, progress: bool, device: str | None, say
+) -> tuple[str, float]:
+    """`run_cell` once this process holds the cell."""
     record = read_cell(cell.run)
     identity = {"plan": cell.plan, "options": cell.options, "seed": cell.seed}
     evaluation = study.evaluation
@@ -437,16 +637,24 @@ def run_cell(
     why = None if same else _changed(cell, record)
     if why:
         return f"failed: {why}", 0.0
+    _trainer_idle(cell.run)
     t0 = time.perf_counter()
     if record.get("identity") is not None and not same:
         say(f"{cell.label}: the budget changed since this cell ran; its training continues")
+    stale = _stale_evaluation(record, evaluation)
+    if stale:
+        say(f"{cell.label}: evaluation settings changed ({', '.join(stale)}); evaluating again")
+        for folder in (EVALS_DIR, SAMPLES_DIR):
+            shutil.rmtree(cell.run / folder, ignore_errors=True)
     write_cell(cell.run, {"done": False, "identity": identity, "evaluation": evaluation})
     stages = [("evaluate", watch_argv(cell, study, device))]
     if not (record.get("done") and same):  # otherwise only the evaluation settings changed
         stages.insert(0, ("train", train_argv(cell, study, progress, device)))
     for stage, argv in stages:
         say(f"{cell.label}: {stage} ({cell.plan['steps']} steps, {cell.plan['images']} images)")
-        code = subprocess.call(argv, env=device_env(device))
+        code = CHILDREN.call(argv, env=device_env(device))
+        if stage == "train" and code == 2:
+            _trainer_idle(cell.run)  # a trainer that started meanwhile: busy, not failed
         trained = (
             read_config(cell.run).get("total_steps") if stage == "train" and not code else None
         )
@@ -454,7 +662,8 @@ def run_cell(
             why = f"failed: {stage} " + (
                 f"exit code {code}" if code else f"ran {trained} steps, not {cell.plan['steps']}"
             )
-            write_cell(cell.run, {"done": False, "identity": identity, "error": why})
+            failure = {"done": False, "identity": identity, "evaluation": evaluation, "error": why}
+            write_cell(cell.run, failure)
             return why, time.perf_counter() - t0
     prune(cell)
     spent = time.perf_counter() - t0
@@ -467,11 +676,29 @@ def run_study(
     study_file: Path, out: Path, jobs: int = 1, devices: list[str] | None = None,
     progress: bool = True, report: bool = True,
 ) -> int:  # fmt: skip
-    """Run every unfinished cell, then the report and the results; exit code 0 or 1."""
+    """Run every unfinished cell, then the report and the results; exit code 0 or 1 (128 + the
+    signal when SIGTERM or SIGINT stopped it, its processes with it)."""
     try:
+        check_out_dir(out)
         out.mkdir(parents=True, exist_ok=True)
+    except RunError as exc:
+        raise StudyError(str(exc)) from None
     except OSError as exc:
         raise StudyError(f"--out {out}: cannot make the study folder ({exc})") from None
+    with stop_on_signals():
+        try:
+            return _run_study(study_file, out, jobs, devices or [], progress, report)
+        except Stopped as stop:
+            name = signal.Signals(stop.signum).name
+            print(f"study: stopped by {name}, the running cells' processes with it; the same "
+                  "command continues", file=sys.stderr)  # fmt: skip
+            return 128 + stop.signum
+
+
+def _run_study(
+    study_file: Path, out: Path, jobs: int, devices: list[str], progress: bool, report: bool
+) -> int:
+    """`run_study` in its folder, with the signal handlers set."""
     study = load_study(study_file, out)
     manifest = ensure_build(study, out)
     window = int(manifest["window"])
@@ -488,7 +715,6 @@ def run_study(
         with lock:
             print(f"study [{state['done']}/{total}] {text}", file=sys.stderr, flush=True)
 
-    devices = devices or []
     jobs = max(1, len(devices) or jobs)
     free = list(devices)
 
@@ -523,9 +749,11 @@ def run_study(
     else:
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(one, cells))
+    CHILDREN.check()
     print(f"study: {total} cells in {duration(time.perf_counter() - t_start)}", file=sys.stderr)
     if report:
         write_reports(study, cells, out)
+    CHILDREN.check()
     for line in failed:
         print(f"error: {line}", file=sys.stderr)
     return 1 if failed else 0
@@ -559,6 +787,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     devices = [d for d in (args.devices or "").split(",") if d]
+    for device in devices:
+        check_device(device, "--devices")
+    if args.jobs < 1:
+        raise StudyError(f"--jobs must be >= 1, got {args.jobs}")
     if args.report_only:  # from the run folders there are; nothing is built or trained
         study = load_study(args.study, args.out)
         write_reports(study, expand(study, args.out), args.out)

@@ -137,7 +137,7 @@ def test_cell_without_evaluations_is_marked_missing(build, tmp_path):
         (lambda s: s.replace("[budget]\nimages = 96", "[budget]"), "missing 'images'"),
         (lambda s: s.replace("batch = 12", "batch = 12\nmax_steps = 3"), "set by the study runner"),
         (lambda s: s.replace('name = "iid"', 'name = "flow"'), "repeated"),
-        (lambda s: s.replace("samples = 8", "samples = 8\nbogus = 1"), "unknown keys"),
+        (lambda s: s.replace("samples = 8", "samples = 8\nbogus = 1"), "unknown key 'bogus'"),
         (lambda s: s + "\n[[[", "not a readable TOML file"),
         (lambda s: s.replace("seeds = [0]", "seeds = [0, 0]"), "distinct"),
         (lambda s: s.replace("seeds = [0]", "seeds = 3"), "seeds must be a list"),
@@ -146,10 +146,13 @@ def test_cell_without_evaluations_is_marked_missing(build, tmp_path):
         (lambda s: s.replace("batch = 12", 'batch = "12"'), "batch to a positive integer"),
         (lambda s: s.replace('baseline = "iid"', 'baseline = "idd"'), "'idd' is not the name"),
         (lambda s: s.replace('lambdas = ["flow"]', 'lambdas = "flow"'), "must be a list"),
-        (lambda s: s.replace('baseline = "iid"', 'basline = "iid"'), "unknown keys ['basline']"),
+        (
+            lambda s: s.replace('baseline = "iid"', 'basline = "iid"'),
+            "'basline'; did you mean 'baseline'",
+        ),
         (lambda s: s.replace("n_ref = 8", 'n_ref = 8\nsplits = "val"'), "splits must be"),
         (lambda s: s.replace("points = 2", "points = 0"), "points must be a positive"),
-        (lambda s: "train = 3\n" + s.replace("[train]", "[training]"), "[train] must be a table"),
+        (lambda s: "train = 3\n" + s.replace("[train]\n", ""), "[train] must be a table"),
     ],
 )
 def test_bad_study_files_are_one_line_errors(build, tmp_path, capsys, edit, message):
