@@ -66,7 +66,8 @@ def probe_set(frames: Tensor, msq: Tensor, method: Method, T: int, device) -> Fi
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, sched: Schedule, val: FixedSet, batch: int = 64) -> float:
-    """Mean squared epsilon error over the fixed set (the model is left in its mode)."""
+    """Mean squared error of the predicted noise over the fixed set (whatever the network
+    outputs, so that runs of either prediction compare); the model is left in its mode."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -74,7 +75,8 @@ def validation_loss(model: nn.Module, sched: Schedule, val: FixedSet, batch: int
         x0 = val.x0[i : i + batch].flatten(0, 1)
         t = val.noise.t[i : i + batch].reshape(-1)
         eps = val.noise.eps[i : i + batch].flatten(0, 1)
-        eps_hat = model(sched.q_sample(x0, t, eps), t)
+        xt = sched.q_sample(x0, t, eps)
+        eps_hat = sched.eps_from(model(xt, t), xt, t)
         total += float((eps_hat.float() - eps).pow(2).flatten(1).mean(1).sum())
     model.train(was_training)
     return total / len(val)

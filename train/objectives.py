@@ -3,8 +3,9 @@
 Every objective takes the model, the schedule, a batch of windows ``x0`` of shape
 ``(B, k, C, H, W)`` in [-1, 1], their ``flow_msq`` ``(B, k-1)``, the noise ``(t, eps)`` drawn by
 `draw_noise` and the options, and returns the per-window loss ``(B,)`` plus named per-window terms.
-The denoising loss of a window is the mean over its frames of the mean squared epsilon error, so
-it is on the same scale as a single frame's.
+The denoising loss of a window is the mean over its frames of the mean squared error of the
+network's output (the noise, or v: the schedule's ``prediction``), so it is on the same scale as
+a single frame's; the regularisers compare predicted noise, whatever the network outputs.
 """
 
 from __future__ import annotations
@@ -61,21 +62,33 @@ def draw_noise(
     return Noise(t.expand(B, k), eps.expand(shape))
 
 
-def _predict(model, sched: Schedule, x0: Tensor, noise: Noise, capture: str | None = None):
-    B, k = x0.shape[:2]
+@dataclass(frozen=True)
+class Prediction:
+    eps_hat: Tensor  # (B, k, C, H, W): the predicted noise, whatever the network outputs
+    denoise: Tensor  # (B,): the denoising loss
+    feat: Tensor | None  # the captured activation, if one was asked for
+
+
+def _predict(
+    model, sched: Schedule, x0: Tensor, noise: Noise, capture: str | None = None
+) -> Prediction:
+    """The network on ``x0`` noised by ``noise``.
+
+    The denoising loss of a window is the mean over its frames and pixels of the squared
+    difference between the output and its target (the schedule's ``prediction``: eps, or v).
+    """
     flat = x0.flatten(0, 1)
     t = noise.t.reshape(-1)
-    xt = sched.q_sample(flat, t, noise.eps.reshape(flat.shape))
+    eps = noise.eps.reshape(flat.shape)
+    xt = sched.q_sample(flat, t, eps)
     out = model(xt, t, capture=capture) if capture else model(xt, t)
+    feat = None
     if capture:
-        eps_hat, feat = out
-        return eps_hat.view(x0.shape), feat
-    return out.view(x0.shape), None
-
-
-def _denoise(eps_hat: Tensor, noise: Noise) -> Tensor:
-    """Per-window mean over frames and pixels of (eps_hat - eps)^2, shape (B,)."""
-    return (eps_hat.float() - noise.eps.float()).pow(2).flatten(1).mean(1)
+        out, feat = out
+    target = sched.target(flat, t, eps)
+    denoise = (out.view(x0.shape).float() - target.view(x0.shape).float()).pow(2)
+    eps_hat = sched.eps_from(out, xt, t)
+    return Prediction(eps_hat.view(x0.shape), denoise.flatten(1).mean(1), feat)
 
 
 def pair_mismatch(eps_hat: Tensor) -> Tensor:
@@ -114,18 +127,16 @@ def divergence_rate(sched: Schedule, x0: Tensor, noise: Noise, delta: int) -> Te
 
 
 def _regularised(model, sched, x0, flow_msq, noise, opts: Options, weights) -> tuple:
-    eps_hat, _ = _predict(model, sched, x0, noise)
-    denoise = _denoise(eps_hat, noise)
+    p = _predict(model, sched, x0, noise)
     w = weights(sched, x0, flow_msq, noise, opts)
-    reg = (w * pair_mismatch(eps_hat)).sum(1)
-    loss = denoise + opts.lam * reg
-    return loss, {"denoise": denoise, "reg": reg, "w_mean": w.mean(1)}
+    reg = (w * pair_mismatch(p.eps_hat)).sum(1)
+    loss = p.denoise + opts.lam * reg
+    return loss, {"denoise": p.denoise, "reg": reg, "w_mean": w.mean(1)}
 
 
 def iid(model, sched, x0, flow_msq, noise, opts: Options):
     """Single frames, independent t and eps: the baseline."""
-    eps_hat, _ = _predict(model, sched, x0, noise)
-    denoise = _denoise(eps_hat, noise)
+    denoise = _predict(model, sched, x0, noise).denoise
     return denoise, {"denoise": denoise}
 
 
@@ -171,10 +182,9 @@ def dispersive_loss(feat: Tensor, tau: float) -> Tensor:
 
 def dispersive(model, sched, x0, flow_msq, noise, opts: Options):
     """iid plus Dispersive Loss on one UNet block's activation (a batch term, shared by all)."""
-    eps_hat, feat = _predict(model, sched, x0, noise, capture=opts.disp_block)
-    denoise = _denoise(eps_hat, noise)
-    disp = dispersive_loss(feat, opts.disp_tau).expand(denoise.shape)
-    return denoise + opts.disp_weight * disp, {"denoise": denoise, "disp": disp}
+    p = _predict(model, sched, x0, noise, capture=opts.disp_block)
+    disp = dispersive_loss(p.feat, opts.disp_tau).expand(p.denoise.shape)
+    return p.denoise + opts.disp_weight * disp, {"denoise": p.denoise, "disp": disp}
 
 
 METHODS: dict[str, Method] = {

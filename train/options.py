@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from train.diffusion import DEFAULT_SCHEDULE, SCHEDULES
+from train.diffusion import DEFAULT_PREDICTION, DEFAULT_SCHEDULE, PREDICTIONS, SCHEDULES
 from train.objectives import METHODS
 from train.recipes import RECIPES
 
@@ -16,7 +16,13 @@ PAPER_BATCH = {"windows": 128, "frames": 256}
 PAPER_EPOCHS = {"windows": 300, "frames": 500}
 # the value of a field a run made before the field existed ran with (resume and evaluation read
 # an old config.json through this)
-LEGACY_DEFAULTS = {"schedule": "linear", "ema_warmup": False, "recipe": None, "precision": "auto"}
+LEGACY_DEFAULTS = {
+    "schedule": "linear",
+    "prediction": "eps",
+    "ema_warmup": False,
+    "recipe": None,
+    "precision": "auto",
+}
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -43,6 +49,7 @@ class TrainConfig:
     ema: float = 0.9995
     ema_warmup: bool = True
     schedule: str = DEFAULT_SCHEDULE
+    prediction: str = DEFAULT_PREDICTION
     precision: str = "auto"
     recipe: str | None = None
     ckpt_every: int = 1000
@@ -136,6 +143,14 @@ def parser() -> argparse.ArgumentParser:
         default=d.schedule,
         help="noise schedule: linear betas 1e-4..0.02 (DDPM, the paper's) or cosine (iDDPM); "
         "sampling reads it from the run",
+    )
+    opt.add_argument(
+        "--prediction",
+        choices=PREDICTIONS,
+        default=d.prediction,
+        help="what the UNet outputs: eps, the noise (the paper's), or v = sqrt(abar) eps - "
+        "sqrt(1 - abar) x0 (Salimans & Ho), whose x0 stays bounded at high noise; the "
+        "regulariser compares predicted noise either way; sampling reads it from the run",
     )
     opt.add_argument(
         "--precision",
@@ -268,6 +283,10 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if cfg.prediction not in PREDICTIONS:
+        raise ValueError(
+            f"unknown prediction {cfg.prediction!r}: use one of {', '.join(PREDICTIONS)}"
+        )
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     if cfg.recipe is not None and cfg.recipe not in RECIPES:

@@ -26,15 +26,16 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "cpu-short": Recipe(
         help="a run on 2 CPU cores that draws hands on black in about 5 minutes: tiny UNet at "
-        "32 px, bf16 autocast, lr 2e-3 with 100 warmup steps, cosine schedule, EMA 0.995 with "
-        "warmup, 48 images per step (16 windows or 48 frames), 700 steps; sample it with "
-        "--eta 1 (docs/recipes.md)",
+        "32 px predicting v, bf16 autocast, lr 2e-3 with 100 warmup steps, cosine schedule, "
+        "EMA 0.995 with warmup, 48 images per step (16 windows or 48 frames), 700 steps; "
+        "sample it with --eta 1 (docs/recipes.md)",
         options={
             "preset": "tiny",
             "image_size": 32,
             "lr": 2e-3,
             "warmup": 100,
             "schedule": "cosine",
+            "prediction": "v",
             "ema": 0.995,
             "ema_warmup": True,
             "precision": "bf16",

@@ -92,7 +92,7 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
     S = stream.steps_per_epoch
     total = cfg.epochs * S if cfg.max_steps is None else min(cfg.epochs * S, cfg.max_steps)
     sigma = cfg.sigma if cfg.sigma is not None else float(build.manifest["flow"]["sigma"])
-    sched = Schedule(kind=cfg.schedule).to(dev)
+    sched = Schedule(kind=cfg.schedule, prediction=cfg.prediction).to(dev)
     probe = None
     if cfg.diag_every or (method.name == "divergence" and cfg.sigma_div is None):
         f, m, _ = data.fixed_windows(
