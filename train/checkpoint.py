@@ -8,8 +8,10 @@ lowest validation loss; that checkpoint is never pruned.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -20,7 +22,9 @@ import torch
 from train.options import LEGACY_DEFAULTS
 
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+TMP_RE = re.compile(r"^\.(ckpt-\d{8}\.pt|best\.json)\.tmp$")
 BEST_NAME = "best.json"
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # configuration fields a resumed run may change (how long and how it runs, not what it learns)
 MAY_CHANGE = frozenset(
@@ -45,12 +49,14 @@ MAY_CHANGE = frozenset(
         "total_steps",
         "workers",  # allowed, with a warning: the data order changes
         "world_size",
+        "verify_shards",
+        "run_id",  # kept on resume; a checkpoint from before it existed has none
     }
 )
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not belong to this run (one-line message)."""
+    """A checkpoint does not belong to this run or cannot be used (one-line message)."""
 
 
 def path_for(out: Path, step: int) -> Path:
@@ -66,19 +72,54 @@ def steps_saved(out: Path) -> list[int]:
 
 
 def save(out: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``ckpt-{step}.pt`` atomically, then drop all but the last `keep` and the best."""
+    """Write ``ckpt-{step}.pt`` atomically, then drop all but the last `keep` and the best.
+
+    A failed write leaves no temporary file; a full disk raises CheckpointError (one line).
+    """
     path = path_for(out, step)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise CheckpointError(
+                f"disk full writing {path}: free some space and run the same command again to "
+                "resume from the last checkpoint"
+            ) from None
+        raise
     best = best_step(out)
     for old in steps_saved(out)[:-keep] if keep > 0 else []:
         if old != best:
             path_for(out, old).unlink(missing_ok=True)
     return path
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or an error it was raised from is a full disk (or quota).
+
+    torch.save reports a failed write as a RuntimeError ("unexpected pos") raised while
+    handling the OSError.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def remove_temporaries(out: Path) -> None:
+    """Drop the temporary files of writes cut short (a kill during a save)."""
+    if Path(out).is_dir():
+        for p in Path(out).iterdir():
+            if TMP_RE.match(p.name):
+                p.unlink(missing_ok=True)
 
 
 def best_step(out: Path) -> int | None:
@@ -98,25 +139,56 @@ def mark_best(out: Path, step: int, val_loss: float) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load one checkpoint without unpickling objects (raises on a corrupt file)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load one checkpoint without unpickling objects.
+
+    Raises CheckpointError (one line) for a file that is not a checkpoint of this trainer
+    (damaged, truncated, or holding pickled objects) and OSError when it cannot be read.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        what = f"a pickled object ({found.group(1)})" if found else "data other than tensors"
+        raise CheckpointError(
+            f"checkpoint {path} holds {what}; checkpoints are loaded without unpickling, so it "
+            "is refused"
+        ) from None
+    except Exception as exc:  # a truncated or damaged file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({_first_sentence(exc)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is unreadable (a {type(state).__name__})")
     missing = {"model", "ema", "optimizer", "step", "config"} - set(state)
     if missing:
-        raise ValueError(f"lacks {', '.join(sorted(missing))}")
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (it lacks {', '.join(sorted(missing))})"
+        )
     return state
 
 
+def _first_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
 def load_latest(out: Path) -> dict[str, Any] | None:
-    """The newest checkpoint of `out` that loads; a corrupt one is passed over with a warning."""
+    """The newest checkpoint of `out` that loads; a damaged one is passed over with a warning.
+
+    A checkpoint that cannot be read at all (permissions, I/O) raises CheckpointError instead:
+    the files may be fine, so nothing is passed over.
+    """
     for step in reversed(steps_saved(out)):
         path = path_for(out, step)
         try:
             return load(path)
-        except Exception as exc:  # a truncated or damaged file: fall back to the one before
-            print(
-                f"warning: checkpoint {path} is unreadable ({exc}); trying the one before",
-                file=sys.stderr,
-            )
+        except CheckpointError as exc:
+            print(f"warning: {exc}; trying the one before", file=sys.stderr)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot read {path} ({exc.strerror or exc}): fix its permissions or the disk, "
+                "then run the same command again"
+            ) from None
     return None
 
 
