@@ -23,9 +23,14 @@ bad windows pass ``--max-bad-fraction``.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import multiprocessing
+import os
+import re
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +41,11 @@ import torch
 from shards_spec import Build, SpecError
 from shards_spec.format import JSON_MEMBER, frame_member
 from shards_spec.reader import raw_samples
+from shards_spec.writer import sha256_file
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http://, s3://, ...
+_VERIFIED: set[tuple] = set()  # shards this process has hashed (--verify-shards), as stat-ed
 
 
 class DataError(ValueError):
@@ -57,6 +67,7 @@ class Stream:
     rank: int = 0
     world: int = 1
     workers: int = 0  # loader workers of this rank (0: load in the training process)
+    sha256: tuple[str, ...] = ()  # the manifest's checksums, checked on first open when given
 
     @property
     def lanes(self) -> int:
@@ -98,20 +109,24 @@ def stream_for(
     world: int = 1,
     workers: int = 0,
     url_template: str | None = None,
+    verify: bool = False,
 ) -> Stream:
     """The Stream of `split` of `build` for one rank; `batch` is the global batch.
 
     `url_template` maps a shard path to a URL.
     ``url_template`` holds ``{path}`` (``pipe:curl -s https://host/build/{path}``) or is a
     prefix (``/mnt/other/build``); by default the shards are read from the build folder.
+    With `verify`, each shard file's sha256 is checked against the manifest when a process
+    first opens it (local files only).
     """
     if split not in build.splits:
         have = ", ".join(build.splits) or "none"
         raise DataError(f"{build.path}: split {split!r} is missing (this build has: {have})")
     shards = build.manifest["splits"][split]["shards"]
     names = tuple(s["path"] for s in shards)
+    urls = shard_urls(build, split, url_template)
     stream = Stream(
-        urls=shard_urls(build, split, url_template),
+        urls=urls,
         names=names,
         counts=tuple(int(s["samples"]) for s in shards),
         frames=tuple(frames),
@@ -122,7 +137,10 @@ def stream_for(
         rank=rank,
         world=world,
         workers=workers,
+        sha256=tuple(s["sha256"] for s in shards) if verify else (),
     )
+    if verify:
+        check_verifiable(urls)
     if batch % stream.lanes:
         raise DataError(
             f"the global batch {batch} must divide into {stream.lanes} lanes (ranks x loader "
@@ -144,6 +162,34 @@ def shard_urls(build: Build, split: str, url_template: str | None = None) -> tup
     if "{path}" in url_template:
         return tuple(url_template.format(path=n) for n in names)
     return tuple(f"{url_template.rstrip('/')}/{n}" for n in names)
+
+
+def check_verifiable(urls: Sequence[str]) -> None:
+    """Raise DataError unless every URL is a local file that can be hashed."""
+    remote = [u for u in urls if _REMOTE.match(u)]
+    if remote:
+        raise DataError(
+            f"--verify-shards hashes shard files, and {remote[0]} is not a local file: drop "
+            "--verify-shards or read the shards from a folder"
+        )
+
+
+def verify_shard(url: str, sha256: str, name: str) -> None:
+    """Raise DataError when the shard file's sha256 differs from the manifest's (once each)."""
+    try:
+        st = os.stat(url)
+        seen = (url, sha256, st.st_size, st.st_mtime_ns)
+        if seen in _VERIFIED:
+            return
+        digest = sha256_file(url)
+    except OSError as exc:
+        raise DataError(f"{name}: cannot read it to verify it ({exc.strerror or exc})") from None
+    if digest != sha256:
+        raise DataError(
+            f"{name}: sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}...: the "
+            "shard changed since the build; check it with `pipeline validate`"
+        )
+    _VERIFIED.add(seen)
 
 
 def shard_order(stream: Stream, epoch: int) -> np.ndarray:
@@ -217,6 +263,8 @@ def read_segment(stream: Stream, seg: Segment) -> tuple[list[dict | None], str |
     Returns the samples and, when the shard could not be read to ``hi``, why. A pickle-like
     member raises SpecError: that is refused, never skipped.
     """
+    if stream.sha256:
+        verify_shard(stream.urls[seg.shard], stream.sha256[seg.shard], stream.names[seg.shard])
     raws: list[dict | None] = []
     problem = None
     try:
@@ -341,6 +389,7 @@ class LaneParts(torch.utils.data.IterableDataset):
                 while True:
                     yield from (next(p) for p in parts)
             else:
+                die_with_parent()
                 torch.set_num_threads(1)
                 cv2.setNumThreads(1)
                 yield from lane_batches(self.stream, lanes[info.id], self.start)
@@ -370,26 +419,49 @@ def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[di
         source = iter(loader)
     lanes = list(stream.rank_lanes)
     g = start
-    while True:
-        parts = [next(source) for _ in lanes]
-        for part, lane in zip(parts, lanes, strict=True):
-            if "error" in part:
-                raise (SpecError if part["kind"] == "SpecError" else DataError)(part["error"])
-            if (part["g"], part["lane"]) != (g, lane):  # the loader's order is the contract
-                raise RuntimeError(
-                    f"loader order broken: got batch {part['g']} lane "
-                    f"{part['lane']}, expected {g} lane {lane}"
-                )
-        yield _concat(parts)
-        g += 1
+    try:
+        while True:
+            parts = [next(source) for _ in lanes]
+            for part, lane in zip(parts, lanes, strict=True):
+                if "error" in part:
+                    raise (SpecError if part["kind"] == "SpecError" else DataError)(part["error"])
+                if (part["g"], part["lane"]) != (g, lane):  # the loader's order is the contract
+                    raise RuntimeError(
+                        f"loader order broken: got batch {part['g']} lane "
+                        f"{part['lane']}, expected {g} lane {lane}"
+                    )
+            yield _concat(parts)
+            g += 1
+    finally:  # the workers stop with the stream, however it ends (close, error, signal)
+        shutdown = getattr(source, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _worker_context():
     """Loader workers start from a fork server that has loaded only this module: forking the
-    training process itself (threads, OpenMP, Ray, CUDA) can deadlock a worker."""
+    training process itself (threads, OpenMP, Ray, CUDA) can deadlock a worker.
+
+    The fork server (`train.loader_server`) and each worker die with their parent, so a
+    training process that is killed outright (SIGKILL, the OOM killer) leaves neither behind.
+    """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["train.data"])
+    ctx.set_forkserver_preload(["train.data", "train.loader_server"])
     return ctx
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent exits (a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no libc prctl: the loader's own watchdog remains
+        return
+    if os.getppid() != parent:  # the parent exited before the request took effect
+        os._exit(1)
 
 
 def _concat(parts: list[dict]) -> dict:
@@ -417,11 +489,13 @@ def fixed_windows(
     frames: Sequence[int],
     image_size: int,
     url_template: str | None = None,
+    verify: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first `n` decodable windows of `split` in shard order (a fixed evaluation set).
 
     Returns frames uint8 RGB ``(n', k, H, W, 3)``, flow_msq ``(n', k-1)`` and the keys; windows
-    that fail to decode are passed over.
+    that fail to decode are passed over. With `verify`, each shard opened is checked against
+    the manifest's sha256 first.
     """
     stream = Stream(
         urls=shard_urls(build, split, url_template),
@@ -433,8 +507,13 @@ def fixed_windows(
         batch=1,
         seed=0,
     )
+    samples = raw_samples(stream.urls)
+    if verify:
+        shards = build.manifest["splits"][split]["shards"]
+        check_verifiable(stream.urls)
+        samples = _verified_samples(stream.urls, shards)
     got_frames, got_msq, keys = [], [], []
-    for raw in raw_samples(stream.urls) if n > 0 else ():
+    for raw in samples if n > 0 else ():
         try:
             f, m = decode_window(raw, stream)
         except DataError:
@@ -447,3 +526,10 @@ def fixed_windows(
     if not keys:
         raise DataError(f"split {split!r} of {build.path} has no decodable window")
     return torch.from_numpy(np.stack(got_frames)), torch.from_numpy(np.stack(got_msq)), keys
+
+
+def _verified_samples(urls: Sequence[str], shards: list[dict]) -> Iterator[dict]:
+    """The raw samples of the shards in order, each shard verified when it is first opened."""
+    for url, entry in zip(urls, shards, strict=True):
+        verify_shard(url, entry["sha256"], entry["path"])
+        yield from raw_samples([url])
