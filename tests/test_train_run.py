@@ -192,7 +192,8 @@ def test_no_resume_starts_over(build, tmp_path, capsys):
     assert run_main(args(build, out, "--max-steps", "5"), capsys)[0] == 0
     code, err = run_main(args(build, out, "--max-steps", "3", "--no-resume"), capsys)
     assert code == 0 and "removed" in err
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 3]  # 3 steps and a val point
+    kinds = [(r["step"], r.get("kind")) for r in read_metrics(out)]
+    assert kinds == [(1, None), (2, None), (3, None), (3, "val"), (3, "finished")]
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(build, tmp_path, capsys, monkeypatch):

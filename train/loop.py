@@ -21,6 +21,7 @@ from tqdm import tqdm
 from train import checkpoint, data, diagnostics, distributed
 from train.metrics import MetricsLog
 from train.objectives import Noise, draw_noise
+from train.options import check, resolve_defaults
 from train.setup import Run, prepare
 
 # DDP on CPU: a 1x1 conv's gradient has equivalent but differently written strides (harmless)
@@ -57,17 +58,20 @@ class Counters:
 
 def run(cfg) -> None:
     """Train as `cfg` says, on this process's share of the world torchrun describes."""
+    check(resolve_defaults(cfg))  # before the device and the process group are set up
     world = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
-        _train(prepare(cfg, world))
+        with contextlib.ExitStack() as stack:  # rank 0 holds the run folder's lock in it
+            _train(prepare(cfg, world, stack))
     finally:
         distributed.teardown()
 
 
 def _train(r: Run) -> None:
+    if r.finished:
+        print(f"{r.out}: the run finished at step {r.total_steps} already", file=sys.stderr)
+        return
     p, c = _parts(r), _counters(r)
-    if r.state is not None:
-        p.log.write({"kind": "resume", "step": c.step, "wall_s": float(r.state["wall_s"])})
     batches = data.batches(r.stream, c.step, pin_memory=r.world.device.type == "cuda")
     bar = tqdm(
         total=r.total_steps,
@@ -77,6 +81,17 @@ def _train(r: Run) -> None:
         disable=not (r.world.main and r.cfg.progress),
         dynamic_ncols=True,
     )
+    try:  # the loader's workers stop however the loop ends (an error, SIGTERM, SIGINT)
+        _loop(r, p, c, batches, bar)
+    finally:
+        batches.close()
+        bar.close()
+        p.log.close()
+
+
+def _loop(r: Run, p: Parts, c: Counters, batches, bar) -> None:
+    if r.state is not None:
+        p.log.write({"kind": "resume", "step": c.step, "wall_s": float(r.state["wall_s"])})
     for step in range(c.step, r.total_steps):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -105,9 +120,8 @@ def _train(r: Run) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", wait=f"{wait / dt:.0%}", refresh=False)
         _evaluate_and_save(r, p, c)
-    bar.close()
     _epoch_summary(r, c)
-    p.log.close()
+    p.log.write({"kind": "finished", "step": c.step})
 
 
 def _step(r: Run, p: Parts, c: Counters, batch: dict, step: int) -> dict:
@@ -263,6 +277,9 @@ def _counters(r: Run) -> Counters:
         c.step, c.images, c.skipped = int(s["step"]), int(s["images"]), int(s["skipped_steps"])
         c.t_run -= float(s["wall_s"])
         c.epoch = c.step // r.stream.steps_per_epoch
+        if int(s.get("epoch", -1)) == c.epoch:  # saved mid-epoch: its bad windows count on
+            c.epoch_bad = int(s.get("epoch_bad", 0))  # 0 in a checkpoint from before the count
+            c.epoch_shards = set(s.get("epoch_bad_shards", []))
     return c
 
 
@@ -304,6 +321,8 @@ def _state(r: Run, p: Parts, c: Counters) -> dict:
         "epoch": c.epoch,
         "images": c.images,
         "skipped_steps": c.skipped,
+        "epoch_bad": c.epoch_bad,  # windows replaced so far in this epoch, all ranks
+        "epoch_bad_shards": sorted(c.epoch_shards),
         "wall_s": time.perf_counter() - c.t_run,
         "rng": rng,
         "loader": {

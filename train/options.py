@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from train.diffusion import DEFAULT_PREDICTION, DEFAULT_SCHEDULE, PREDICTIONS, SCHEDULES
@@ -24,6 +25,7 @@ LEGACY_DEFAULTS = {
     "precision": "auto",
 }
 PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("cuda", "cpu")
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainConfig:
     image_size: int | None = None
     workers: int | None = None
     shard_url: str | None = None
+    verify_shards: bool = False
     resume: bool = True
     compile: bool = False
     max_bad_fraction: float = 0.01
@@ -208,6 +211,12 @@ def parser() -> argparse.ArgumentParser:
         "URL with {path} (e.g. 'pipe:curl -s https://host/build/{path}')",
     )
     data.add_argument(
+        "--verify-shards",
+        action="store_true",
+        help="hash each shard file (sha256) when it is first opened and stop when it differs "
+        "from the manifest's checksum (local shards; reads each shard once more per worker)",
+    )
+    data.add_argument(
         "--max-bad-fraction",
         type=float,
         default=d.max_bad_fraction,
@@ -278,7 +287,13 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 def check(cfg: TrainConfig) -> None:
-    """Raise ValueError (one line) for values out of range."""
+    """Raise ValueError (one line) for values out of range (NaN and infinity included)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{_flag(f.name)} must be a finite number, got {value}")
+    if cfg.device is not None and cfg.device not in DEVICES:
+        raise ValueError(f"unknown device {cfg.device!r}: use one of {', '.join(DEVICES)}")
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
     if cfg.schedule not in SCHEDULES:
@@ -301,20 +316,25 @@ def check(cfg: TrainConfig) -> None:
         "val_size": cfg.val_size,
         "probe_size": cfg.probe_size,
         "max_bad_steps": cfg.max_bad_steps,
+        "dist_timeout": cfg.dist_timeout,
     }
     for name in ("max_steps", "image_size", "sigma", "sigma_div", "delta"):
         if getattr(cfg, name) is not None:
             positive[name] = getattr(cfg, name)
     for name, value in positive.items():
         if value is None or value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise ValueError(f"{_flag(name)} must be positive, got {value}")
     for name in ("lam", "warmup", "clip", "val_every", "diag_every", "disp_weight", "seed"):
         if getattr(cfg, name) < 0:
-            flag = "lambda" if name == "lam" else name.replace("_", "-")
-            raise ValueError(f"--{flag} must be >= 0, got {getattr(cfg, name)}")
+            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema < 1:
         raise ValueError(f"--ema must be in [0, 1), got {cfg.ema}")
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.workers is not None and cfg.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--lambda" if name == "lam" else f"--{name.replace('_', '-')}"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,15 +17,18 @@ from typing import Any
 import torch
 
 from shards_spec import Build, open_build
-from train import checkpoint, data, diagnostics
+from shards_spec.format import MANIFEST_NAME
+from train import checkpoint, data, diagnostics, folder_lock
 from train.diffusion import Schedule
 from train.distributed import World, broadcast_float
-from train.metrics import METRICS_NAME
+from train.metrics import METRICS_NAME, read_metrics
 from train.objectives import Method, Options, auto_sigma_div, get_method
 from train.options import TrainConfig, check, resolve_defaults
 from train.unet import PRESETS, UNet, build_unet, model_cost
 
 CONFIG_NAME = "config.json"
+# folders `eval watch` writes into a run folder from its checkpoints; a fresh start removes them
+DERIVED_DIRS = ("evals", "samples")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Run:
     probe: diagnostics.FixedSet | None
     resolved: dict[str, Any]
     best_val: float = float("inf")
+    finished: bool = False  # the run had reached its last step already (nothing to do)
 
 
 def build_id(build: Build) -> str:
@@ -52,9 +59,17 @@ def build_id(build: Build) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare(cfg: TrainConfig, world: World) -> Run:
+def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
+    """Check the options, the build and the run folder; load the checkpoint to resume from.
+
+    Rank 0 locks the run folder on `stack` (held until the caller closes it).
+    """
     cfg = resolve_defaults(cfg)
     check(cfg)
+    out = Path(cfg.out)
+    if world.main:
+        check_out(out, Path(cfg.shards))
+    cfg = dataclasses.replace(cfg, shards=os.path.abspath(cfg.shards))
     method = get_method(cfg.method)
     build = open_build(cfg.shards)
     K = build.window
@@ -72,6 +87,8 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
             f"--batch {cfg.batch} must divide into {world.size} ranks x --grad-accum "
             f"{cfg.grad_accum}"
         )
+    if cfg.val_every and "val" not in build.splits:
+        raise data.DataError(f"{build.path} has no 'val' split: pass --val-every 0")
     dev = world.device
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -88,6 +105,7 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
         world.size,
         workers,
         cfg.shard_url,
+        cfg.verify_shards,
     )
     S = stream.steps_per_epoch
     total = cfg.epochs * S if cfg.max_steps is None else min(cfg.epochs * S, cfg.max_steps)
@@ -96,7 +114,7 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
     probe = None
     if cfg.diag_every or (method.name == "divergence" and cfg.sigma_div is None):
         f, m, _ = data.fixed_windows(
-            build, "train", cfg.probe_size, frames, image_size, cfg.shard_url
+            build, "train", cfg.probe_size, frames, image_size, cfg.shard_url, cfg.verify_shards
         )
         probe = diagnostics.probe_set(f, m, method, sched.T, dev)
     sigma_div = cfg.sigma_div
@@ -129,18 +147,16 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
         "macs_per_image": macs,
         "macs_per_sample": macs * len(frames),
     }
-    out = Path(cfg.out)
-    state = _resume_state(cfg, world, out, resolved)
-    val = None
-    if cfg.val_every:
-        if "val" not in build.splits:
-            raise data.DataError(f"{build.path} has no 'val' split: pass --val-every 0")
-        if world.main:
-            f, m, _ = data.fixed_windows(
-                build, "val", cfg.val_size, (K // 2,), image_size, cfg.shard_url
-            )
-            val = diagnostics.validation_set(f, m[:, :0], sched.T, dev)
     if world.main:
+        stack.callback(folder_lock.release, _lock(out))
+    state, finished = _resume_state(cfg, world, out, resolved)
+    val = None
+    if cfg.val_every and not finished and world.main:
+        f, m, _ = data.fixed_windows(
+            build, "val", cfg.val_size, (K // 2,), image_size, cfg.shard_url, cfg.verify_shards
+        )
+        val = diagnostics.validation_set(f, m[:, :0], sched.T, dev)
+    if world.main and not finished:
         _announce(cfg, method, resolved, stream, out)
     run = Run(
         cfg,
@@ -158,6 +174,7 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
         val,
         probe,
         resolved,
+        finished=finished,
     )
     best = checkpoint.best_step(out)
     if best is not None and state is not None:
@@ -165,36 +182,137 @@ def prepare(cfg: TrainConfig, world: World) -> Run:
     return run
 
 
-def _resume_state(cfg: TrainConfig, world: World, out: Path, resolved: dict) -> dict | None:
-    saved = checkpoint.steps_saved(out)
-    if saved and not cfg.resume:
+def check_out(out: Path, shards: Path) -> None:
+    """Raise ValueError (one line) unless `out` can be a run folder: a folder (or none yet)
+    with no file above it, writable, and outside the build."""
+    where = Path(os.path.abspath(out))
+    try:
+        if where.exists() and not where.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        existing = next(p for p in [where, *where.parents] if p.exists())
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot look there ({exc.strerror or exc})") from None
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing} (no permission)")
+    real, build = Path(os.path.realpath(where)), Path(os.path.realpath(shards))
+    if (build / MANIFEST_NAME).is_file() and (real == build or build in real.parents):
+        raise ValueError(f"--out {out} is inside the build {shards}: put the run folder outside it")
+
+
+def _lock(out: Path) -> int:
+    """Make the run folder and lock it for this process (FolderBusy names the holder)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return folder_lock.acquire(out, "run folder")
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _resume_state(
+    cfg: TrainConfig, world: World, out: Path, resolved: dict
+) -> tuple[dict | None, bool]:
+    """The checkpoint to resume from (None: a fresh start) and whether the run is finished.
+
+    Writes config.json (rank 0), unless the run had finished already. A fresh start removes
+    what an earlier run left in `out`, and the run gets a new ``run_id``.
+    """
+    if world.main:
+        checkpoint.remove_temporaries(out)
+    state = checkpoint.load_latest(out) if cfg.resume else None
+    finished = False
+    if state is None:
         if world.main:
-            for step in saved:
-                checkpoint.path_for(out, step).unlink()
-            for name in (METRICS_NAME, checkpoint.BEST_NAME):
-                (out / name).unlink(missing_ok=True)
-            print(
-                f"--no-resume: removed {len(saved)} checkpoints and the metrics of {out}",
-                file=sys.stderr,
-            )
-        saved = []
-    state = checkpoint.load_latest(out) if saved else None
-    if state is not None:
+            _start_afresh(out, cfg.resume)
+        resolved["run_id"] = uuid.uuid4().hex
+    else:
+        existing = _saved_config(out) if world.main else {}
         checkpoint.check_compatible(state["config"], resolved)
+        step, total = int(state["step"]), resolved["total_steps"]
+        if step > total:
+            raise ValueError(
+                f"the checkpoint in {out} is at step {step}, past this command's last step "
+                f"{total}: pass a --max-steps (or --epochs) of {step} or more to go on, or "
+                "--no-resume to start over"
+            )
+        finished = step == total and world.main and _finished_at(out) == step
+        resolved["run_id"] = (
+            state["config"].get("run_id") or existing.get("run_id") or uuid.uuid4().hex
+        )
         for key in ("workers", "world_size"):
-            if state["config"].get(key) != resolved[key] and world.main:
+            if state["config"].get(key) != resolved[key] and world.main and not finished:
                 print(
                     f"warning: {key} changed since the checkpoint "
                     f"({state['config'].get(key)} -> {resolved[key]}); the data order from "
                     "here on differs from an uninterrupted run",
                     file=sys.stderr,
                 )
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
+    finished = bool(broadcast_float(world, float(finished)))  # rank 0 read the metrics
+    if world.main and not finished:
         tmp = out / f".{CONFIG_NAME}.tmp"
         tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, out / CONFIG_NAME)
-    return state
+    return state, finished
+
+
+def _start_afresh(out: Path, resume: bool) -> None:
+    """Remove the checkpoints of `out` and all made from them: best.json, the metrics and
+    (in a folder that held a run) the evaluations and samples of `eval watch`."""
+    saved = checkpoint.steps_saved(out)
+    removed = [f"{len(saved)} checkpoint{'s' if len(saved) != 1 else ''}"] if saved else []
+    for step in saved:
+        checkpoint.path_for(out, step).unlink(missing_ok=True)
+    for name in (checkpoint.BEST_NAME, METRICS_NAME):
+        if (out / name).exists():
+            (out / name).unlink()
+            removed.append(name)
+    if (out / CONFIG_NAME).exists():
+        for name in DERIVED_DIRS:
+            path = out / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                continue
+            removed.append(f"{name}/")
+    if removed:
+        why = "no checkpoint loads" if saved else "no checkpoint yet"
+        why = why if resume else "--no-resume"
+        print(
+            f"{why}: starting {out} over from step 0; removed {', '.join(removed)}",
+            file=sys.stderr,
+        )
+
+
+def _saved_config(out: Path) -> dict:
+    """The run folder's config.json ({} when there is none); ValueError when it is not a
+    JSON object."""
+    file = out / CONFIG_NAME
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not JSON"
+        raise ValueError(f"{file} is unreadable ({why}): repair or remove it") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{file} is not a JSON object (a {type(config).__name__}): repair or remove it"
+        )
+    return config
+
+
+def _finished_at(out: Path) -> int | None:
+    """The step of the run's ``finished`` record, if it is the last record of its metrics."""
+    try:
+        records = read_metrics(out)
+    except FileNotFoundError:
+        return None
+    if records and records[-1].get("kind") == "finished":
+        return int(records[-1]["step"])
+    return None
 
 
 def _announce(cfg, method, resolved, stream, out) -> None:
