@@ -100,7 +100,12 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--shards", default=d.shards, help="the build (folder with dataset.json)")
     run.add_argument("--method", default=d.method, help=f"objective. {methods}")
-    run.add_argument("--out", default=d.out, help="run folder: config, metrics, checkpoints")
+    run.add_argument(
+        "--out",
+        default=d.out,
+        help="run folder: config, metrics, checkpoints; outside the build, and one trainer at "
+        "a time (a second is refused while the first holds OUT/.lock)",
+    )
     run.add_argument(
         "--preset",
         default=d.preset,
@@ -111,8 +116,10 @@ def parser() -> argparse.ArgumentParser:
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=d.resume,
-        help="continue from the newest checkpoint in --out; --no-resume deletes the "
-        "checkpoints and metrics in --out and starts over",
+        help="continue from the newest checkpoint in --out that loads; --no-resume starts "
+        "over from step 0, as a run without a loadable checkpoint does: the checkpoints, "
+        "best.json, metrics and eval watch's evals/ and samples/ in --out are deleted and the "
+        "run gets a new run_id",
     )
     opt = p.add_argument_group("optimisation")
     opt.add_argument(
