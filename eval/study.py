@@ -592,7 +592,7 @@ def stop_on_signals():
 def _trainer_idle(run: Path) -> None:
     """`FolderBusy` when a trainer (of a killed study, or started by hand) holds the run folder."""
     if run.is_dir():
-        folder_lock.release(folder_lock.acquire(run, "training run"))
+        folder_lock.release(folder_lock.acquire(run, "run folder"))
 
 
 def _stale_evaluation(record: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:

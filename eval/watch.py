@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,9 @@ def finished(run: Path, config: dict[str, Any]) -> bool:
     if saved and isinstance(total, int) and saved[-1] >= total:
         return True
     try:
-        records = read_metrics(run) if (run / METRICS_NAME).is_file() else []
+        with warnings.catch_warnings():  # a damaged line: the report names it, not every poll
+            warnings.simplefilter("ignore")
+            records = read_metrics(run) if (run / METRICS_NAME).is_file() else []
     except (OSError, ValueError, TypeError, AttributeError, KeyError):  # a damaged file
         return False
     kinds = [r.get("kind") for r in records if isinstance(r, dict)]

@@ -163,7 +163,7 @@ def test_a_busy_study_cell_starts_no_second_trainer(build, tmp_path, holder, no_
     path = write_study(tmp_path, build)
     loaded, (a, b) = _cells(path, tmp_path / "out")
     cell_holder = holder(a.run / study.CELL_LOCK, "study cell")
-    trainer = holder(b.run, "training run")
+    trainer = holder(b.run, "run folder")
     status, _ = study.run_cell(a, loaded, False, None, print)
     assert status.startswith("busy: ") and f"PID {cell_holder.pid}" in status
     status, _ = study.run_cell(b, loaded, False, None, print)
