@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from shards_spec import SpecError
+from train.folder_lock import FolderBusy
 
 from . import generation, metrics, report, sample, study, watch
 from .runs import RunError
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RunError, metrics.MetricsError, SpecError) as exc:
+    except (RunError, metrics.MetricsError, SpecError, FolderBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -200,6 +200,9 @@ def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
     for key in ("points", "samples", "ddim_steps", "n_ref", "batch"):
         if not _positive_int(evaluation[key]):
             raise StudyError(f"{where}: {key} must be a positive integer")
+    for key in ("samples", "n_ref"):  # a Frechet distance needs two of each
+        if evaluation[key] < 2:
+            raise StudyError(f"{where}: {key} must be at least 2")
     for key in ("val_points", "diag_points"):
         if not _positive_int(evaluation[key]) and evaluation[key] != 0:
             raise StudyError(f"{where}: {key} must be a non-negative integer")

@@ -152,6 +152,7 @@ def test_cell_without_evaluations_is_marked_missing(build, tmp_path):
         ),
         (lambda s: s.replace("n_ref = 8", 'n_ref = 8\nsplits = "val"'), "splits must be"),
         (lambda s: s.replace("points = 2", "points = 0"), "points must be a positive"),
+        (lambda s: s.replace("samples = 8", "samples = 1"), "samples must be at least 2"),
         (lambda s: "train = 3\n" + s.replace("[train]\n", ""), "[train] must be a table"),
     ],
 )
