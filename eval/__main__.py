@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp = sub.add_parser("sample", help="DDIM samples of a run's checkpoint as numbered PNGs")
     sample.add_arguments(smp)
     smp.set_defaults(func=sample.run)
+    from . import export  # diffusers itself is imported only when the command runs
+
+    exp = sub.add_parser("export", help="a run's checkpoint as a diffusers pipeline folder")
+    export.add_arguments(exp)
+    exp.set_defaults(func=export.run)
     fid = sub.add_parser("fid", help="FID/KID/P/R/D/C of sample PNGs against a build's frames")
     metrics.add_arguments(fid)
     fid.set_defaults(func=metrics.run)
