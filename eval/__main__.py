@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     stu = sub.add_parser("study", help="a grid of runs from a study file: train, evaluate, report")
     study.add_arguments(stu)
     stu.set_defaults(func=study.run)
+    from . import tensorboard  # tensorboard itself is imported only when the command runs
+
+    tbd = sub.add_parser("tensorboard", help="a run's metrics and evaluations as RUN/tb events")
+    tensorboard.add_arguments(tbd)
+    tbd.set_defaults(func=tensorboard.run)
     return parser
 
 
