@@ -36,9 +36,10 @@ METHOD_ORDER = ("iid", "seq", "adjacent", "dispersive", "flow", "divergence")
 _MACHINERY = (
     "seed out epochs max_steps total_steps shards shard_url workers world_size resume compile "
     "progress device ckpt_every keep val_every val_size diag_every probe_size max_bad_fraction "
-    "max_bad_steps grad_accum unet params macs_per_image macs_per_sample steps_per_epoch recipe"
+    "max_bad_steps grad_accum unet params macs_per_image macs_per_sample steps_per_epoch recipe "
+    "run_id verify_shards dist_timeout"
 )
-NOT_VARIANT = frozenset(_MACHINERY.split())
+NOT_VARIANT = frozenset([*_MACHINERY.split(), "tensorboard"])  # tensorboard: an output
 SYMBOLS = {"lam": "λ", "sigma": "σ", "sigma_div": "σ_div", "delta": "δ"}
 LABEL_FIRST = ("lam", "sigma", "sigma_div", "batch", "preset", "image_size")
 PAPER = (  # Table 1 of the paper: method, FID train, FID val

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.report import ReportError, add_arguments, make_report, run
+from eval.report import ReportError, add_arguments, make_report, run, variant_key
+from tests.shardutil import make_build
+from train.__main__ import main as train_main
 
 SPE = 10  # steps per epoch of every fixture run
 
@@ -288,3 +290,18 @@ def test_not_a_run_is_one_line_error(runs, tmp_path, capsys):
     add_arguments(parser)
     assert run(parser.parse_args([str(bogus), "--out", str(tmp_path / "o")])) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_two_seeds_of_one_command_are_one_variant(tmp_path):
+    """Every config.json field that differs between seeds (seed, out, run_id) is not a variant."""
+    build = make_build(tmp_path / "b", n_train=16, n_val=8, size=16, seed=2)
+    configs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        argv = ["--shards", str(build), "--out", str(out), "--batch", "8", "--max-steps", "1",
+                "--val-every", "0", "--diag-every", "0", "--no-progress", "--workers", "0",
+                "--seed", str(seed)]  # fmt: skip
+        assert train_main(argv) == 0
+        configs.append(json.loads((out / "config.json").read_text()))
+    assert configs[0]["run_id"] != configs[1]["run_id"]
+    assert variant_key(configs[0]) == variant_key(configs[1])

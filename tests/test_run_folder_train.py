@@ -522,3 +522,9 @@ def test_verify_shards_checks_each_shard_against_the_manifest(build, tmp_path, c
     assert code == 2 and "val/val-000000.tar: sha256" in one_line(err), err
     code, err = run_main(args(build, tmp_path / "d", "--max-steps", "5", "--verify-shards"), capsys)
     assert code == 0, err
+
+
+def test_train_options_are_taken_by_their_full_names_only(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--warm", "3"])  # not --warmup
+    assert e.value.code == 2 and "--warm" in capsys.readouterr().err

@@ -80,8 +80,10 @@ def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m train",
+        allow_abbrev=False,  # an option is taken only by its full name (a typo is an error)
         description=(
-            "Train an image diffusion model on a build's windows (DDPM, epsilon prediction). "
+            "Train an image diffusion model on a build's windows (DDPM; the UNet predicts the "
+            "noise or v). "
             "One process: python -m train ...; several GPUs or nodes: torchrun ... -m train "
             "... (rank and world from the environment; NCCL on CUDA, gloo on CPU). An epoch is "
             "one pass over the build's train windows: steps per epoch = windows // global "

@@ -1,4 +1,4 @@
-"""A compact convolution-attention UNet that predicts the noise epsilon (DDPM / ADM style).
+"""A compact convolution-attention UNet that predicts the noise, or v (DDPM / ADM style).
 
 Layout, for ``L = len(config.mults)`` resolution levels (level 0 = full resolution)::
 
