@@ -9,6 +9,10 @@ finished (a ``{"kind": "finished"}`` record in metrics.jsonl, or a checkpoint at
 ``total_steps``) and the checkpoints it was asked for are evaluated, or at once with ``--once``.
 The build is ``--shards``, else the run's own (an old run's relative path is looked for from the
 current folder and from the run folder's parents). The trainer knows nothing of it.
+
+When ``RUN/tb`` exists (the run trained with ``--tensorboard``), or with ``--tensorboard``, each
+checkpoint's distances and a grid of its first samples also go to ``RUN/tb/eval`` as TensorBoard
+events (see `eval.tensorboard`); ``--no-tensorboard`` never writes them.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda | cuda:N | cpu (default: cuda when available)")
+    p.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write each checkpoint's distances and sample grid to RUN/tb/eval (needs "
+        "framebridge[tensorboard]); default: when RUN/tb exists (the run trained with "
+        "--tensorboard)",
+    )
 
 
 def eval_path(run: Path, step: int, split: str, extractor: str) -> Path:
@@ -73,6 +85,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_finite("--eta", args.eta)
     check_finite("--poll", args.poll, strict=True)
     check_device(args.device)
+    if getattr(args, "tensorboard", None):
+        from .tensorboard import check_available
+
+        check_available()
 
 
 def find_build(run: Path, shards: str | None) -> str:
@@ -153,9 +169,10 @@ def evaluate_step(run: Path, step: int, shards: str, splits: list[str], args) ->
         argv += ["--device", args.device]
     parser = argparse.ArgumentParser()
     sample.add_arguments(parser)
+    first = not any((run / EVALS_DIR).glob(f"{step:08d}-*.json"))  # no grid written yet
     t0 = time.perf_counter()
     sample.run(parser.parse_args(argv))
-    written = []
+    written, records = [], []
     for split in todo:
         result = metrics.evaluate(
             folder, shards, split, n_ref=args.n_ref, extractor=args.extractor,
@@ -182,6 +199,24 @@ def evaluate_step(run: Path, step: int, shards: str, splits: list[str], args) ->
         path = eval_path(run, step, split, args.extractor)
         metrics.write_json(path, record)
         written.append(path)
+        records.append(record)
         print(f"step {step} {split}: {result['metric_name']} {result['fid']:.3f}",
               file=sys.stderr)  # fmt: skip
+    _tensorboard(run, step, records, folder if first else None, args)
     return written
+
+
+def _tensorboard(run: Path, step: int, records: list, samples: Path | None, args) -> None:
+    """The checkpoint's events in RUN/tb/eval, after its JSONs (an interrupted write leaves a
+    point out, never twice; ``eval tensorboard RUN`` writes them all again)."""
+    from . import tensorboard
+
+    if not records or not tensorboard.watch_enabled(run, getattr(args, "tensorboard", None)):
+        return
+    try:
+        tensorboard.check_available()
+    except RunError as exc:  # RUN/tb exists, the package is not here: say so once
+        print(f"warning: {exc}; RUN/tb/eval is not written", file=sys.stderr)
+        args.tensorboard = False
+        return
+    tensorboard.write_evaluations(run, step, records, samples)

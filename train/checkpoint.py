@@ -44,6 +44,7 @@ MAY_CHANGE = frozenset(
         "max_bad_fraction",
         "max_bad_steps",
         "progress",
+        "tensorboard",  # an output: RUN/tb mirrors metrics.jsonl
         "device",
         "dist_timeout",
         "total_steps",

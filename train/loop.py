@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from train import checkpoint, data, diagnostics, distributed
-from train.metrics import MetricsLog
+from train.metrics import MetricsLog, require_tensorboard
 from train.objectives import Noise, draw_noise
 from train.options import check, resolve_defaults
 from train.setup import Run, prepare
@@ -59,6 +59,8 @@ class Counters:
 def run(cfg) -> None:
     """Train as `cfg` says, on this process's share of the world torchrun describes."""
     check(resolve_defaults(cfg))  # before the device and the process group are set up
+    if cfg.tensorboard:
+        require_tensorboard()
     world = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
         with contextlib.ExitStack() as stack:  # rank 0 holds the run folder's lock in it
@@ -246,10 +248,12 @@ def _evaluate_and_save(r: Run, p: Parts, c: Counters) -> None:
             }
         )
         if val_ema < r.best_val:
+            p.log.sync()
             checkpoint.save(r.out, step, _state(r, p, c), cfg.keep)
             checkpoint.mark_best(r.out, step, val_ema)
             r.best_val, saved = val_ema, True
     if not saved and (done or _due(cfg.ckpt_every, step)):
+        p.log.sync()
         checkpoint.save(r.out, step, _state(r, p, c), cfg.keep)
 
 
@@ -267,7 +271,11 @@ def _parts(r: Run) -> Parts:
         ema.load_state_dict(r.state["ema"])
         opt.load_state_dict(r.state["optimizer"])
     net = torch.compile(ddp) if r.cfg.compile else ddp
-    return Parts(model, ddp, net, ema, opt, init, MetricsLog(r.out, r.world.main))
+    resumed = None if r.state is None else int(r.state["step"])
+    # the checkpoint's run mirrored every record up to it into RUN/tb/train
+    complete = r.state is not None and bool(r.state["config"].get("tensorboard"))
+    log = MetricsLog(r.out, r.world.main, r.cfg.tensorboard, resumed, complete)
+    return Parts(model, ddp, net, ema, opt, init, log)
 
 
 def _counters(r: Run) -> Counters:

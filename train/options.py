@@ -69,6 +69,7 @@ class TrainConfig:
     max_bad_fraction: float = 0.01
     max_bad_steps: int = 10
     progress: bool = True
+    tensorboard: bool = False
     device: str | None = None
     dist_timeout: float = 600.0
 
@@ -257,6 +258,13 @@ def parser() -> argparse.ArgumentParser:
         help="stop after this many NaN/inf losses in a row (each is skipped)",
     )
     log.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    log.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="rank 0 also writes the metrics.jsonl scalars as TensorBoard event files to "
+        "OUT/tb/train (tensorboard --logdir OUT/tb; needs framebridge[tensorboard]); may be "
+        "turned on or off on resume, the curves go on without repeats",
+    )
     log.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     log.add_argument(
         "--dist-timeout",
