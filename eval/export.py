@@ -335,7 +335,8 @@ def export(
         diff = None
         if check:
             bar.set_description(stages[2])
-            written = diffusers.UNet2DModel.from_pretrained(tmp / "unet").eval()
+            written = diffusers.UNet2DModel.from_pretrained(tmp / "unet", low_cpu_mem_usage=False)
+            written.eval()
             diff = check_outputs(model, written, loaded.schedule.T)
             bar.update()
         bar.close()
