@@ -1,0 +1,80 @@
+"""A torch ``IterableDataset`` of a build's windows, for ``torch.utils.data.DataLoader``.
+
+::
+
+    from torch.utils.data import DataLoader
+    from shards_spec.torchdata import WindowDataset
+
+    loader = DataLoader(WindowDataset("shards/", "train"), batch_size=16, num_workers=2)
+    for batch in loader:
+        frames = batch["frames"]  # uint8 (B, K, 3, H, W)
+
+Samples are decoded by :func:`shards_spec.reader.decode_sample` (PNG, ``.npy`` without pickle,
+JSON; a shard holding a pickle-like member is refused). Shards are split over DDP ranks and
+DataLoader workers, so with as many shards as workers times ranks each window comes once per
+pass; a worker left without a shard yields nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .reader import Build, decode_sample, open_build
+
+
+def to_tensors(sample: dict) -> dict:
+    """A decoded sample as tensors that ``default_collate`` batches.
+
+    ``key``, ``clip_id`` (str); ``frames`` uint8 ``(K, 3, H, W)``; ``frame_ids`` int64 ``(K,)``;
+    ``flow_msq``, ``weight`` float64 ``(K-1,)``; and only when the build stores them ``masks``
+    uint8 ``(K, H, W)`` (0 or 255) and ``flow`` float16 ``(K-1, 2, h, w)``. The rest of the
+    per-sample JSON (nullable fields that ``default_collate`` cannot batch) is left out.
+    """
+    meta = sample["meta"]
+    out = {
+        "key": sample["key"],
+        "clip_id": meta["clip_id"],
+        "frames": torch.from_numpy(np.stack(sample["frames"])).permute(0, 3, 1, 2).contiguous(),
+        "frame_ids": torch.tensor(meta["frame_ids"], dtype=torch.int64),
+        "flow_msq": torch.tensor(meta["flow_msq"], dtype=torch.float64),
+        "weight": torch.tensor(meta["weight"], dtype=torch.float64),
+    }
+    if sample["masks"] is not None:
+        out["masks"] = torch.from_numpy(np.stack(sample["masks"]))
+    if sample["flow"] is not None:
+        out["flow"] = torch.from_numpy(np.array(sample["flow"]))
+    return out
+
+
+class WindowDataset(torch.utils.data.IterableDataset):
+    """The windows of one split of a build, as :func:`to_tensors` dicts.
+
+    ``shuffle`` shuffles the shard order and, within a buffer of ``bufsize`` samples, the
+    samples, both seeded by ``seed`` (pass another seed for another order).
+    """
+
+    def __init__(
+        self,
+        build: Build | str | os.PathLike,
+        split: str = "train",
+        shuffle: bool = False,
+        seed: int = 0,
+        bufsize: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.build = build if isinstance(build, Build) else open_build(build)
+        self.split = split
+        self.count = self.build.count(split)  # an unknown split fails here
+        self.shuffle, self.seed, self.bufsize = shuffle, seed, bufsize
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.build.urls(self.split):
+            return
+        window = self.build.window
+        pipe = self.build.webdataset(self.split, self.shuffle, self.seed, self.bufsize)
+        for raw in pipe:
+            yield to_tensors(decode_sample(raw, window))
