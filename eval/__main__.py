@@ -1,4 +1,4 @@
-"""``python -m eval``: sample, fid, generation, watch, report, study."""
+"""``python -m eval``: sample, fid, generation, watch, report, study, export, tensorboard."""
 
 from __future__ import annotations
 
