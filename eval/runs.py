@@ -102,11 +102,13 @@ def load(run: Path | str, which: str | int = "last", ema: bool = True, device="c
     except Exception as exc:
         raise RunError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
     saved = state["config"]
-    for key in ("preset", "image_size", "unet"):
-        if json.loads(json.dumps(saved.get(key))) != config.get(key):  # tuples as in JSON
+    for key in ("preset", "image_size", "unet", "schedule", "prediction"):
+        legacy = LEGACY_DEFAULTS.get(key)  # a run from before the field existed
+        ours = json.loads(json.dumps(saved.get(key, legacy)))  # tuples as in JSON
+        if ours != config.get(key, legacy):
             raise RunError(
-                f"{path} is of another model ({key} {saved.get(key)!r}, config.json has "
-                f"{config.get(key)!r})"
+                f"{path} is of another model ({key} {ours!r}, config.json has "
+                f"{config.get(key, legacy)!r})"
             )
     if config.get("preset") not in PRESETS:
         raise RunError(f"{run}/config.json: unknown preset {config.get('preset')!r}")

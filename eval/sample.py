@@ -38,8 +38,10 @@ from train import distributed, folder_lock
 from train.diffusion import Schedule, ddim_step, ddim_timesteps
 
 RECORD_NAME = "sample.json"
-MUST_MATCH = ("run", "step", "ema", "steps", "eta", "seed", "clip_x0")  # a resumed DIR shares
-RECORD_LEGACY = {"clip_x0": False}  # what a folder sampled before a field existed was sampled with
+# what a resumed DIR shares; run_id changes when the run starts over (same folder, new model)
+MUST_MATCH = ("run", "run_id", "step", "ema", "steps", "eta", "seed", "clip_x0")
+# what a folder sampled before a field existed was sampled with
+RECORD_LEGACY = {"clip_x0": False, "run_id": None}
 # what may be in a folder before its first record: the lock and a killed write of the record
 BEFORE_RECORD = frozenset({folder_lock.LOCK_NAME, f".{RECORD_NAME}.tmp"})
 
@@ -202,6 +204,9 @@ def check_record(folder: Path, record: dict[str, Any]) -> None:
         return
     if not isinstance(old, dict):
         raise RunError(f"{folder / RECORD_NAME}: not a JSON object; use another --out")
+    n = old.get("n", 0)
+    if type(n) is not int or n < 0:
+        raise RunError(f"{folder / RECORD_NAME}: n {n!r} is not a count; use another --out")
     old = {**RECORD_LEGACY, **old}
     diff = [k for k in MUST_MATCH if old.get(k) != record[k]]
     if diff:
@@ -306,6 +311,7 @@ def _run(args: argparse.Namespace, world: distributed.World) -> None:
     loaded = load(args.run, args.ckpt, ema=not args.no_ema, device=world.device)
     record = {
         "run": str(Path(args.run).resolve()),
+        "run_id": loaded.config.get("run_id"),
         "step": loaded.step,
         "epoch": loaded.epoch,
         "images": loaded.images,

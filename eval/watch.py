@@ -18,6 +18,7 @@ events (see `eval.tensorboard`); ``--no-tensorboard`` never writes them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -38,6 +39,7 @@ from .runs import (
     check_finite,
     load,
     read_config,
+    schedule_of,
 )
 
 
@@ -126,10 +128,14 @@ def finished(run: Path, config: dict[str, Any]) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Watch until the run is finished and its checkpoints are evaluated (or once); returns 0."""
+    """Watch until the run is finished and its checkpoints are evaluated (or once); returns 0,
+    or 1 when it tried checkpoints and could evaluate none of them."""
     check_args(args)
     run_dir = Path(args.run)
     config = read_config(run_dir)
+    schedule_of(config)  # what every checkpoint needs: fail once, not once per checkpoint
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunError(f"{run_dir} is not writable: watch writes evals/ and samples/ there")
     shards = args.shards or find_build(run_dir, config.get("shards"))
     splits = [s for s in args.splits.split(",") if s]
     if not splits:
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if seen:
         print(f"watching {run_dir}: {len(seen)} checkpoints already there are left out "
               "(--all includes them)", file=sys.stderr)  # fmt: skip
+    evaluated, failed = 0, 0
     while True:
         done = finished(run_dir, config)  # before the listing: then it holds every checkpoint
         for step in checkpoint.steps_saved(run_dir):
@@ -146,10 +153,12 @@ def run(args: argparse.Namespace) -> int:
             seen.add(step)
             try:
                 evaluate_step(run_dir, step, shards, splits, args)
+                evaluated += 1
             except RunError as exc:  # pruned by the trainer meanwhile, or damaged
+                failed += 1
                 print(f"warning: step {step} not evaluated: {exc}", file=sys.stderr)
         if args.once or done:
-            return 0
+            return 1 if failed and not evaluated else 0
         time.sleep(args.poll)
         config = read_config(run_dir)  # a resumed run may have a new length
 

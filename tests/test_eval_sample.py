@@ -250,6 +250,12 @@ def test_sampling_reads_the_runs_schedule(trained_run, tmp_path):
     shutil.copytree(trained_run, cosine)
     config = json.loads((cosine / "config.json").read_text())
     (cosine / "config.json").write_text(json.dumps({**config, "schedule": "cosine"}))
+    from train.checkpoint import path_for, steps_saved
+
+    for step in steps_saved(cosine):  # the checkpoints say so too (a mismatch is refused)
+        state = torch.load(path_for(cosine, step), weights_only=True)
+        state["config"]["schedule"] = "cosine"
+        torch.save(state, path_for(cosine, step))
     a, b = tmp_path / "a", tmp_path / "b"
     assert es.run(_args(trained_run, a, "--n", "2")) == 0
     assert es.run(_args(cosine, b, "--n", "2")) == 0

@@ -172,3 +172,16 @@ def test_unknown_prediction_is_a_usage_error(capsys):
     assert e.value.code == 2 and "--prediction" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown prediction"):
         Schedule(prediction="sample")
+
+
+def test_sampling_refuses_a_config_that_names_another_prediction_than_the_checkpoint(
+    build, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert main(_args(build, out, "--max-steps", "3")) == 0  # eps
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "prediction": "v"}))
+    argv = ["sample", "--run", str(out), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")]
+    capsys.readouterr()
+    assert eval_main([*argv, "--device", "cpu", "--no-progress"]) == 2
+    assert "prediction 'eps', config.json has 'v'" in capsys.readouterr().err

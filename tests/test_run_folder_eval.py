@@ -343,6 +343,34 @@ def test_sample_records_what_the_folder_holds(trained, tmp_path):
     assert record["n"] == 4 and record["complete"] is False and record["written"] == 2
 
 
+def test_sample_refuses_a_folder_of_a_run_that_started_over(trained, build, tmp_path, capsys):
+    """The same folder, step and settings, but the run was trained again from step 0."""
+    run, out = copy_run(trained, tmp_path / "run"), tmp_path / "s"
+    argv = ["sample", "--run", str(run), "--out", str(out), *SAMPLE]
+    assert eval_main([*argv, "--n", "2"]) == 0
+    again = ["--shards", str(build), "--out", str(run), "--method", "iid", "--batch", "4",
+             "--max-steps", "4", "--ckpt-every", "2", "--val-every", "0", "--diag-every", "0",
+             "--no-progress", "--workers", "0", "--no-resume", "--lr", "1e-3"]  # fmt: skip
+    assert train_main(again) == 0
+    capsys.readouterr()
+    err = one_line_exit_2([*argv, "--n", "4"], capsys)
+    assert "run_id" in err and sorted(p.name for p in out.glob("*.png")) == [
+        "000000.png",
+        "000001.png",
+    ]
+
+
+@pytest.mark.parametrize("n", ["many", None, {}, 1e400, -3, 2.5])
+def test_a_sample_record_whose_n_is_not_a_count_is_one_line(trained, tmp_path, capsys, n):
+    out = tmp_path / "s"
+    argv = ["sample", "--run", str(trained), "--out", str(out), *SAMPLE]
+    assert eval_main([*argv, "--n", "2"]) == 0
+    record = json.loads((out / "sample.json").read_text())
+    (out / "sample.json").write_text(json.dumps({**record, "n": n}))
+    capsys.readouterr()
+    assert "is not a count" in one_line_exit_2([*argv, "--n", "3"], capsys)
+
+
 # --- 10 and 15: eval report on repeated runs and malformed evaluations -----------------------------
 
 
@@ -425,6 +453,20 @@ def test_watch_exits_on_the_finished_record(trained, tmp_path, no_waiting):
         f.write(json.dumps({"kind": "resume", "step": 4}) + "\n")
     assert not watch.finished(run, {"total_steps": 10})
     assert watch.finished(run, {"total_steps": 4})
+
+
+def test_watch_fails_when_nothing_can_be_evaluated(trained, tmp_path, no_waiting, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "prediction": "x0"}))
+    assert "unknown prediction 'x0'" in one_line_exit_2(
+        ["watch", str(run), "--all", *WATCH], capsys
+    )
+    (run / "config.json").write_text(json.dumps(config))
+    for step in (2, 4):  # every checkpoint damaged: warned about, and not a success
+        (run / f"ckpt-{step:08d}.pt").write_bytes(b"not a checkpoint")
+    assert eval_main(["watch", str(run), "--all", *WATCH]) == 1
+    assert capsys.readouterr().err.count("not evaluated") == 2
 
 
 def test_watch_finds_an_old_runs_relative_build(trained, build, tmp_path, monkeypatch, capsys):
@@ -593,6 +635,7 @@ def test_sigint_stops_a_child_and_what_it_started(tmp_path):
         ours.update({p: table[p][2] for p in map(int, pids.read_text().split()) if p in table})
         os.kill(os.getpid(), signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)  # ignored when the session runs in the background
     try:
         with study.stop_on_signals(), open(pids, "w") as out:
             threading.Thread(target=interrupt, daemon=True).start()
@@ -603,7 +646,7 @@ def test_sigint_stops_a_child_and_what_it_started(tmp_path):
         while _alive(ours) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(ours)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        assert signal.getsignal(signal.SIGINT) is before  # restored
     finally:
         for pid in _alive(ours):
             os.kill(pid, signal.SIGKILL)

@@ -73,8 +73,14 @@ def config(out: Path) -> dict:
 # processes started by a test: its own process group, watched through /proc
 
 
+def _default_sigint() -> None:
+    # a test session started in the background (nohup, `&`) passes SIGINT on ignored, and a
+    # process that inherits an ignored SIGINT rightly keeps ignoring it: give ours the default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cmd: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(cmd, start_new_session=True, **kw)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_default_sigint, **kw)
 
 
 def group(pgid: int) -> list[int]:
@@ -404,6 +410,21 @@ def test_an_out_that_cannot_be_a_run_folder_is_refused(build, tmp_path, capsys, 
     assert sorted(p.name for p in build.iterdir()) == before
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json", "best.json"])
+def test_a_run_file_that_is_a_folder_is_refused_before_anything_is_deleted(
+    build, tmp_path, capsys, name
+):
+    out = tmp_path / "run"
+    assert run_main(args(build, out, "--max-steps", "3"), capsys)[0] == 0
+    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    (out / name).mkdir()
+    kept = sorted(p.name for p in out.iterdir())
+    for extra in ((), ("--no-resume",)):
+        code, err = run_main(args(build, out, "--max-steps", "6", *extra), capsys)
+        assert code == 2 and f"{name} there is not a file" in one_line(err)
+        assert sorted(p.name for p in out.iterdir()) == kept
+
+
 # 14: a full disk during a checkpoint save
 
 
@@ -528,3 +549,33 @@ def test_train_options_are_taken_by_their_full_names_only(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--warm", "3"])  # not --warmup
     assert e.value.code == 2 and "--warm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["link", "dangling link", "folder"])
+def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_nothing_is_written_through_it(
+    tmp_path, kind
+):
+    from train.folder_lock import FolderBusy, acquire
+
+    folder, target = tmp_path / "run", tmp_path / "elsewhere.txt"
+    folder.mkdir()
+    if kind == "folder":
+        (folder / ".lock").mkdir()
+    else:
+        if kind == "link":
+            target.write_text("keep me")
+        (folder / ".lock").symlink_to(target)
+    with pytest.raises(FolderBusy, match="is not a plain file"):
+        acquire(folder, "run folder")
+    assert (target.read_text() == "keep me") if kind == "link" else not target.exists()
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_a_missing_shard_of_a_fixed_set_is_one_line(build, tmp_path, capsys, split):
+    copy = tmp_path / "b"
+    shutil.copytree(build, copy)
+    first = sorted((copy / split).glob("*.tar"))[0]
+    first.unlink()
+    every = ("--val-every", "2") if split == "val" else ("--diag-every", "2", "--probe-size", "4")
+    code, err = run_main(args(copy, tmp_path / "run", "--max-steps", "3", *every), capsys)
+    assert code == 2 and first.name in one_line(err) and "Traceback" not in err

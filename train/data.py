@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import sys
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -513,16 +514,21 @@ def fixed_windows(
         check_verifiable(stream.urls)
         samples = _verified_samples(stream.urls, shards)
     got_frames, got_msq, keys = [], [], []
-    for raw in samples if n > 0 else ():
-        try:
-            f, m = decode_window(raw, stream)
-        except DataError:
-            continue
-        got_frames.append(f)
-        got_msq.append(m)
-        keys.append(raw["__key__"])
-        if len(keys) >= n:
-            break
+    try:
+        for raw in samples if n > 0 else ():
+            try:
+                f, m = decode_window(raw, stream)
+            except DataError:
+                continue
+            got_frames.append(f)
+            got_msq.append(m)
+            keys.append(raw["__key__"])
+            if len(keys) >= n:
+                break
+    except (OSError, tarfile.TarError) as exc:  # a missing or truncated shard
+        raise DataError(
+            f"{build.path}: a {split} shard of the fixed {split} set cannot be read ({exc})"
+        ) from None
     if not keys:
         raise DataError(f"split {split!r} of {build.path} has no decodable window")
     return torch.from_numpy(np.stack(got_frames)), torch.from_numpy(np.stack(got_msq)), keys

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ LOCK_NAME = ".lock"
 
 
 class FolderBusy(RuntimeError):
-    """Another live process holds the folder."""
+    """Another live process holds the folder, or its lock file is not one this module made."""
 
 
 def _holder(path: Path) -> str:
@@ -30,13 +31,25 @@ def _holder(path: Path) -> str:
     return f"PID {pid}" if pid.isdigit() else "another process"
 
 
+def _not_a_lock(path: Path) -> str:
+    return f"{path} is not a plain file (a link, a folder or a device): remove it and run again"
+
+
 def acquire(folder: str | os.PathLike, what: str = "folder") -> int:
     """Lock ``folder`` (which must exist) for this process; return the lock's file descriptor.
 
     Raises `FolderBusy` with one line naming the holder when another process has it.
     """
     path = Path(folder) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # never through a link: the PID is written into the file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR):
+            raise FolderBusy(_not_a_lock(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FolderBusy(_not_a_lock(path))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -199,6 +199,13 @@ def check_out(out: Path, shards: Path) -> None:
     real, build = Path(os.path.realpath(where)), Path(os.path.realpath(shards))
     if (build / MANIFEST_NAME).is_file() and (real == build or build in real.parents):
         raise ValueError(f"--out {out} is inside the build {shards}: put the run folder outside it")
+    for name in (CONFIG_NAME, METRICS_NAME, checkpoint.BEST_NAME):  # what the run writes there
+        file = where / name
+        if file.exists() and not file.is_file():
+            raise ValueError(
+                f"--out {out}: {name} there is not a file (a folder?): move it away or use "
+                "another --out"
+            )
 
 
 def _lock(out: Path) -> int:
