@@ -19,14 +19,7 @@ from eval.runs import RunError
 from train.diffusion import Schedule, ddim_step, ddim_timesteps
 from train.unet import build_unet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here (the machine is small), restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ROOT = Path(__file__).resolve().parents[1]

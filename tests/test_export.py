@@ -29,13 +29,7 @@ TOL = 1e-4  # max abs difference of the UNets' outputs, float32 on CPU
 STEPS = 5  # DDIM steps of the trajectory comparisons
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here (the machine is small), restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturbed(model: UNet, seed: int) -> UNet:

@@ -16,13 +16,7 @@ from train.checkpoint import path_for
 from train.diffusion import PREDICTIONS, Schedule, ddim_step, ddim_timesteps
 from train.objectives import Noise, Options, get_method
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _diffusers(name: str, schedule: str, clip: bool = False):
