@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from eval.runs import Loaded, RunError, check_out_dir, load
+from eval.runs import Loaded, RunError, check_out_dir, foreign_files, load
 from train import folder_lock
 from train.diffusion import Schedule
 from train.unet import AttnBlock, ResBlock, UNet
@@ -247,12 +247,11 @@ def check_export_folder(folder: Path) -> None:
     """RunError when ``folder`` holds files other than an export's."""
     if not folder.is_dir():
         return
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_NAMES)
+    foreign = foreign_files(folder, EXPORT_NAMES)
     if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise RunError(
-            f"--out {folder} holds files ({foreign[0]}{more}) that are not an export's: use an "
-            "empty or new folder"
+            f"--out {folder} holds files ({foreign}) that are not an export's: use an empty or "
+            "new folder"
         )
 
 

@@ -169,6 +169,15 @@ def _check_folder(folder: Path, flag: str, given: Path) -> None:
         raise RunError(f"{flag} {given}: {above} is not writable")
 
 
+def foreign_files(folder: Path, allowed: frozenset[str] | set[str]) -> str | None:
+    """The files of ``folder`` outside ``allowed``, named for a message ("a.png and 2 more"),
+    or None when there are none."""
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+    if not foreign:
+        return None
+    return foreign[0] + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+
+
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """An output folder that exists or can be made, and is writable (RunError otherwise)."""
     path = Path(path)

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.runs import RunError, check_device, check_finite, check_out_dir, load
+from eval.runs import (
+    RunError,
+    check_device,
+    check_finite,
+    check_out_dir,
+    foreign_files,
+    load,
+)
 from train import distributed, folder_lock
 from train.diffusion import Schedule, ddim_step, ddim_timesteps
 
@@ -194,12 +201,11 @@ def check_record(folder: Path, record: dict[str, Any]) -> None:
     non-empty folder without one (its files are not this command's)."""
     old = read_record(folder)
     if old is None:
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in BEFORE_RECORD)
+        foreign = foreign_files(folder, BEFORE_RECORD)
         if foreign:
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise RunError(
-                f"{folder} holds files ({foreign[0]}{more}) but no {RECORD_NAME}: not a folder of "
-                "eval sample; use an empty or new --out"
+                f"{folder} holds files ({foreign}) but no {RECORD_NAME}: not a folder of eval "
+                "sample; use an empty or new --out"
             )
         return
     if not isinstance(old, dict):
