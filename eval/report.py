@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from eval import plots
+from eval.features import EXTRACTORS
 from eval.plots import fmt_axis, mean_std, table
 from eval.runs import EVALS_DIR, RunError, check_out_dir, read_config
 from train.metrics import METRICS_NAME, read_metrics
 from train.options import WINDOW_METHODS
 
-EXTRACTORS = ("inception", "offline")
 TITLES = {
     "inception": "FID (inception extractor)",
     "offline": "Frechet distance (offline extractor, not FID)",

@@ -48,6 +48,7 @@ from train import options as train_options
 from train.objectives import METHODS
 from train.options import WINDOW_METHODS
 
+from .features import EXTRACTORS
 from .plots import duration
 from .runs import EVALS_DIR, SAMPLES_DIR, RunError, check_device, check_out_dir, read_config
 
@@ -211,8 +212,9 @@ def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
     eta = evaluation["eta"]
     if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 10:  # not nan
         raise StudyError(f"{where}: eta must be a number in [0, 10]")
-    if evaluation["extractor"] not in ("inception", "offline"):
-        raise StudyError(f"{where}: extractor must be 'inception' or 'offline'")
+    if evaluation["extractor"] not in EXTRACTORS:
+        names = " or ".join(repr(name) for name in EXTRACTORS)
+        raise StudyError(f"{where}: extractor must be {names}")
     splits = evaluation["splits"]
     if not isinstance(splits, list) or not splits or not all(isinstance(x, str) for x in splits):
         raise StudyError(f"{where}: splits must be a non-empty list of split names")

@@ -31,6 +31,7 @@ from train.diffusion import Schedule
 from train.metrics import METRICS_NAME, read_metrics
 
 from . import metrics, sample
+from .features import EXTRACTORS
 from .runs import (
     EVALS_DIR,
     SAMPLES_DIR,
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sample.add_clip_argument(p)
     p.add_argument("--splits", default="train,val", help="reference splits, comma-separated")
     p.add_argument("--n-ref", type=int, default=metrics.DEFAULT_N_REF, help="reference frames")
-    p.add_argument("--extractor", default="inception", choices=("inception", "offline"))
+    p.add_argument("--extractor", default="inception", choices=EXTRACTORS)
     p.add_argument("--inception-weights", help="path of inception-2015-12-05.pt")
     p.add_argument("--every", type=int, default=0, help="only steps that are multiples of this")
     p.add_argument("--all", action="store_true", help="also the checkpoints already there")
