@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.flow import BACKENDS
+from pipeline.sources import SOURCES
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -14,7 +15,7 @@ def _add_build(p: argparse.ArgumentParser) -> None:
 
     d = BuildConfig()
     src = p.add_argument_group("source")
-    src.add_argument("--src", default=d.src, help="handco | synthetic | video (default: synthetic)")
+    src.add_argument("--src", default=d.src, help=f"{' | '.join(SOURCES)} (default: {d.src})")
     src.add_argument("--root", help="dataset root ($HANCO_ROOT or ./data/HanCo for handco)")
     src.add_argument("--mask", default=d.mask, help="handco mask: fg | hand | none")
     src.add_argument("--mask-root", help="video source: folder of mask videos/folders, same names")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import frames as fr
 from pipeline.handco import discover_handco
-from pipeline.sources import Discovery, SourceError, parse_selection
+from pipeline.sources import SOURCES, Discovery, SourceError, parse_selection
 from pipeline.videos import discover_video
 
 
@@ -73,8 +73,9 @@ def _at_least(name: str, value, low: int) -> None:
 
 def check_config(cfg: BuildConfig) -> None:
     """Reject bad options before any work starts: one line each."""
-    if cfg.src not in ("handco", "synthetic", "video"):
-        raise SourceError(f"unknown source {cfg.src!r}: expected handco, synthetic or video")
+    if cfg.src not in SOURCES:
+        expected = f"{', '.join(SOURCES[:-1])} or {SOURCES[-1]}"
+        raise SourceError(f"unknown source {cfg.src!r}: expected {expected}")
     for name in ("size", "flow_size"):
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, int) or v < 8 or v % 8):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-SOURCES = ("handco", "synthetic", "video")
+SOURCES = ("handco", "synthetic", "video")  # the values of --src
 
 # Selection and naming reasons (frames left out before decoding), as in skipped.parquet.
 NOT_GREEN_SCREEN = "not_green_screen"
