@@ -1,5 +1,6 @@
 """The figures of `python -m eval report` (one PNG each, drawn on an Agg canvas) and the
-formatting of values shared with its tables.
+formatting of values shared with its tables; `figure`, `draw` and `save_png` are the panel
+helpers that `eval/study_results.py` draws the study's figures with too.
 
 Curves are the mean over seeds of the points measured at the same step, with a shaded min-max
 band where several seeds have that step; nothing is interpolated or smoothed. Every function
@@ -121,7 +122,7 @@ def _series(variant, points: Points, axis: str, key: str) -> list[list[tuple[int
     return out
 
 
-def _draw(ax, variants, points: Points, axis: str, key: str, title: str, log=False) -> bool:
+def draw(ax, variants, points: Points, axis: str, key: str, title: str, log=False) -> bool:
     """One panel: a curve (and band) per variant; False when no variant has a point."""
     found = [(v, s) for v in variants if (s := _series(v, points, axis, key))]
     curves = [(v, aggregate(s), len(s)) for v, s in found]
@@ -148,13 +149,15 @@ def _draw(ax, variants, points: Points, axis: str, key: str, title: str, log=Fal
     return True
 
 
-def _figure(panels: int) -> tuple[Figure, list]:
+def figure(panels: int) -> tuple[Figure, list]:
+    """A figure of ``panels`` side-by-side axes on an Agg canvas, and the axes."""
     fig = Figure(figsize=(5.2 * panels, 4.0), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_png(fig: Figure, path: Path) -> None:
+    """Write the figure to ``path`` as a PNG, atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
@@ -162,9 +165,16 @@ def _save(fig: Figure, path: Path) -> None:
 
 def fid_plot(variants, extractor: str, name: str, axis: str, path: Path) -> bool:
     """FID (val and train panels) of one extractor against an axis."""
-    fig, axes = _figure(2)
+    fig, axes = figure(2)
     drawn = [
-        _draw(ax, variants, lambda r, s=split: r.fid_points(extractor, s), axis, "fid", title)
+        draw(
+            ax,
+            variants,
+            points=lambda run, split=split: run.fid_points(extractor, split),
+            axis=axis,
+            key="fid",
+            title=title,
+        )
         for ax, split, title in zip(
             axes, ("val", "train"), (f"{name}, val split", f"{name}, train split"), strict=True
         )
@@ -172,25 +182,32 @@ def fid_plot(variants, extractor: str, name: str, axis: str, path: Path) -> bool
     for ax in axes:
         ax.set_ylabel(name)
     if any(drawn):
-        _save(fig, path)
+        save_png(fig, path)
     return any(drawn)
 
 
 def val_loss_plot(variants, axis: str, path: Path) -> bool:
     """Validation loss of the EMA weights against an axis."""
-    fig, (ax,) = _figure(1)
-    ok = _draw(ax, variants, lambda r: r.kind("val"), axis, "val_loss_ema", "validation loss (EMA)")
+    fig, (ax,) = figure(1)
+    ok = draw(
+        ax,
+        variants,
+        points=lambda run: run.kind("val"),
+        axis=axis,
+        key="val_loss_ema",
+        title="validation loss (EMA)",
+    )
     ax.set_ylabel("denoising loss, fixed val set")
     if ok:
-        _save(fig, path)
+        save_png(fig, path)
     return ok
 
 
 def optimisation_plot(variants, path: Path) -> bool:
     """The paper's Fig. 3: gradient norm and parameter distance from init against steps."""
-    fig, axes = _figure(2)
+    fig, axes = figure(2)
     drawn = [
-        _draw(ax, variants, lambda r: r.kind(None), "steps", key, title)
+        draw(ax, variants, points=lambda run: run.kind(None), axis="steps", key=key, title=title)
         for ax, key, title in zip(
             axes,
             ("grad_norm", "param_dist"),
@@ -199,19 +216,25 @@ def optimisation_plot(variants, path: Path) -> bool:
         )
     ]
     if any(drawn):
-        _save(fig, path)
+        save_png(fig, path)
     return any(drawn)
 
 
 def grad_var_plot(variants, path: Path) -> bool:
     """Gradient-variance estimate on the fixed probe batch (diag records) against epochs."""
-    fig, (ax,) = _figure(1)
-    ok = _draw(
-        ax, variants, lambda r: r.kind("diag"), "epochs", "grad_var", "gradient variance", log=True
+    fig, (ax,) = figure(1)
+    ok = draw(
+        ax,
+        variants,
+        points=lambda run: run.kind("diag"),
+        axis="epochs",
+        key="grad_var",
+        title="gradient variance",
+        log=True,
     )
     ax.set_ylabel("mean squared deviation of per-sample gradients")
     if ok:
-        _save(fig, path)
+        save_png(fig, path)
     return ok
 
 
@@ -261,7 +284,7 @@ def sample_grid(variant, path: Path) -> str | None:
     ax.imshow(grid, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(f"{variant.label}: step {step}, seed {run.seed}", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path)
     return f"first {n} of {len(files)} samples at step {step} of `{run.path}` (seed {run.seed})"
 
 
@@ -287,7 +310,7 @@ def section(variants, out: Path, names: dict[str, tuple[str, str]]) -> list[str]
     for ext, (title, short) in names.items():
         for axis in ("epochs", "images", "wall"):
             file = f"fid-{ext}-{axis}.png"
-            ok = fid_plot(variants, ext, short, axis, out / file)
+            ok = fid_plot(variants, ext, name=short, axis=axis, path=out / file)
             caption = f"{title}: val (left) and train (right) against {AXIS_TITLES[axis]}."
             missing = f"no {title} points in any run"
             lines += _entry(f"{title} against {AXIS_TITLES[axis]}", ok and file, caption, missing)

@@ -362,60 +362,120 @@ def lambda_section(q: dict, by_cell, extractor: str, results: dict) -> list[str]
 # --- plots -------------------------------------------------------------------------------------
 
 
-def _plot_speed(q, by_cell, path: Path) -> bool:
-    vs = variants(by_cell, [q.get("baseline"), q.get("step_matched"), q.get("method")])
-    if not vs:
+def _plot_speed(questions, by_cell, path: Path) -> bool:
+    names = [questions.get("baseline"), questions.get("step_matched"), questions.get("method")]
+    shown = variants(by_cell, names)
+    if not shown:
         return False
-    fig, axes = plots._figure(3)
-    base = by_cell.get(q.get("baseline"), [])
+    fig, axes = plots.figure(3)
+    base = by_cell.get(questions.get("baseline"), [])
     ok = False
     for ax, axis in zip(axes, AXES, strict=True):
-        ok |= plots._draw(
-            ax, vs, val_points, axis, KEY, f"val loss (EMA), log, vs {AXIS_WORDS[axis]}", log=True
+        ok |= plots.draw(
+            ax,
+            shown,
+            points=val_points,
+            axis=axis,
+            key=KEY,
+            title=f"val loss (EMA), log, vs {AXIS_WORDS[axis]}",
+            log=True,
         )
         for _, _, value in levels(base) if base else []:
             ax.axhline(value, color="gray", lw=0.7, ls="--")
-    plots._save(fig, path)
+    plots.save_png(fig, path)
     return ok
 
 
-def _plot_ablation(q, by_cell, extractor: str, path: Path) -> bool:
-    names = [q.get(k) for k in ("baseline", "seq", "adjacent", "method")]
-    vs = variants(by_cell, [n for n in names if n])
-    if not vs:
+def _plot_ablation(questions, by_cell, extractor: str, path: Path) -> bool:
+    names = [questions.get(k) for k in ("baseline", "seq", "adjacent", "method")]
+    shown = variants(by_cell, [n for n in names if n])
+    if not shown:
         return False
-    fig, (a, b) = plots._figure(2)
-    ok = plots._draw(a, vs, val_points, "images", KEY, "val loss (EMA), log", log=True)
-    plots._draw(
-        b, vs, lambda r: fd_points(r, extractor), "images", "fid", f"{title(extractor)}, val"
+    fig, (loss_ax, fd_ax) = plots.figure(2)
+    ok = plots.draw(
+        loss_ax,
+        shown,
+        points=val_points,
+        axis="images",
+        key=KEY,
+        title="val loss (EMA), log",
+        log=True,
     )
-    plots._save(fig, path)
+    plots.draw(
+        fd_ax,
+        shown,
+        points=lambda run: fd_points(run, extractor),
+        axis="images",
+        key="fid",
+        title=f"{title(extractor)}, val",
+    )
+    plots.save_png(fig, path)
     return ok
 
 
-def _plot_gradients(q, by_cell, path: Path) -> bool:
-    names = [q.get("baseline"), q.get("step_matched"), *q.get("lambdas", [])]
-    vs = variants(by_cell, list(dict.fromkeys(n for n in names if n)))
-    if not vs:
+def _plot_gradients(questions, by_cell, path: Path) -> bool:
+    names = [
+        questions.get("baseline"),
+        questions.get("step_matched"),
+        *questions.get("lambdas", []),
+    ]
+    shown = variants(by_cell, list(dict.fromkeys(n for n in names if n)))
+    if not shown:
         return False
-    fig, (a, b, c) = plots._figure(3)
-    ok = plots._draw(a, vs, lambda r: r.kind("diag"), "images", "grad_var",
-                     "per-sample gradient variance (probe)", log=True)  # fmt: skip
-    ok |= plots._draw(b, vs, step_records, "steps", "param_dist", "parameter distance from init")
-    ok |= plots._draw(c, vs, step_records, "steps", "grad_norm", "gradient norm (before clip)")
-    plots._save(fig, path)
+    fig, (var_ax, dist_ax, norm_ax) = plots.figure(3)
+    ok = plots.draw(
+        var_ax,
+        shown,
+        points=lambda run: run.kind("diag"),
+        axis="images",
+        key="grad_var",
+        title="per-sample gradient variance (probe)",
+        log=True,
+    )
+    ok |= plots.draw(
+        dist_ax,
+        shown,
+        points=step_records,
+        axis="steps",
+        key="param_dist",
+        title="parameter distance from init",
+    )
+    ok |= plots.draw(
+        norm_ax,
+        shown,
+        points=step_records,
+        axis="steps",
+        key="grad_norm",
+        title="gradient norm (before clip)",
+    )
+    plots.save_png(fig, path)
     return ok
 
 
-def _plot_lambda(q, by_cell, path: Path) -> bool:
-    vs = variants(by_cell, list(q.get("lambdas", [])))
-    if not vs:
+def _plot_lambda(questions, by_cell, path: Path) -> bool:
+    shown = variants(by_cell, list(questions.get("lambdas", [])))
+    if not shown:
         return False
-    fig, (a, b) = plots._figure(2)
-    ok = plots._draw(a, vs, reg_ratio_records, "steps", "reg_share",
-                     "lam x reg / loss (share of the objective)", log=True)  # fmt: skip
-    ok |= plots._draw(b, vs, val_points, "images", KEY, "val loss (EMA), log", log=True)
-    plots._save(fig, path)
+    fig, (share_ax, loss_ax) = plots.figure(2)
+    ok = plots.draw(
+        share_ax,
+        shown,
+        points=reg_ratio_records,
+        axis="steps",
+        key="reg_share",
+        title="lam x reg / loss (share of the objective)",
+        log=True,
+    )
+    ok |= plots.draw(
+        loss_ax,
+        shown,
+        points=val_points,
+        axis="images",
+        key=KEY,
+        title="val loss (EMA), log",
+        log=True,
+    )
+    plots.save_png(fig, path)
     return ok
 
 
