@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,15 @@ def fd_curve_table(names: list[str], by_cell: dict[str, list[Run]], extractor: s
 # --- the answers -------------------------------------------------------------------------------
 
 
-def speed_section(q: dict, by_cell, results: dict) -> list[str]:
+@dataclass
+class Section:
+    """One answer of results.md: its markdown lines and the numbers results.json records."""
+
+    markdown: list[str]
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def speed_section(questions: dict, by_cell) -> Section:
     """Q1, Q2: speed-ups to the baseline's losses (epochs, images, wall-clock), and to the
     step-matched control's (steps)."""
     lines = ["## Q1, Q2: how much sooner does each cell reach the reference's loss?", ""]
@@ -241,10 +250,11 @@ def speed_section(q: dict, by_cell, results: dict) -> list[str]:
         "(the budget / val_points).",
         "",
     ]
-    results["speedup"], results["levels"] = {}, {}
+    speedups: dict[str, Any] = {}
+    level_values: dict[str, Any] = {}
     refs = (("baseline", AXES), ("step_matched", ("steps", "images", "wall")))
     for role, axes in refs:
-        ref_name = q.get(role)
+        ref_name = questions.get(role)
         if not ref_name:
             continue
         ref = by_cell.get(ref_name, [])
@@ -252,30 +262,31 @@ def speed_section(q: dict, by_cell, results: dict) -> list[str]:
             lines += [f"*Cannot tell against the {role}: `{ref_name}` has no validation points.*"]
             lines += [""]
             continue
-        lv = levels(ref)
-        results["levels"][ref_name] = [{"label": n, "value": v} for n, _, v in lv]
+        targets = levels(ref)
+        level_values[ref_name] = [{"label": n, "value": v} for n, _, v in targets]
         others = [n for n in by_cell if n != ref_name and by_cell[n]]
         for axis in axes:
-            header = ["cell", *[f"{name}: {value:.4f}" for name, _, value in lv]]
+            header = ["cell", *[f"{name}: {value:.4f}" for name, _, value in targets]]
             rows = []
             for name in others:
                 row = []
-                for _, index, value in lv:
-                    sp = speedup(ref, index, by_cell[name], value, axis)
-                    per = results["speedup"].setdefault(ref_name, {}).setdefault(name, {})
-                    per.setdefault(axis, []).append(sp)
-                    row.append(fmt_speedup(sp, axis))
+                for _, index, value in targets:
+                    found = speedup(ref, index, by_cell[name], value, axis)
+                    per = speedups.setdefault(ref_name, {}).setdefault(name, {})
+                    per.setdefault(axis, []).append(found)
+                    row.append(fmt_speedup(found, axis))
                 rows.append([name, *row])
             head = (
                 f"### Against `{ref_name}` ({role.replace('_', '-')}), at equal {AXIS_WORDS[axis]}"
             )
             lines += [head, "", *table(header, rows), ""]
-    return lines
+    return Section(lines, {"speedup": speedups, "levels": level_values})
 
 
-def ablation_section(q: dict, by_cell, extractor: str, results: dict) -> list[str]:
-    names = [q.get(k) for k in ("baseline", "step_matched", "seq", "adjacent", "method")]
-    names = [n for n in names if n] + [n for n in q.get("lambdas", []) if n != q.get("method")]
+def ablation_section(questions: dict, by_cell, extractor: str) -> Section:
+    names = [questions.get(k) for k in ("baseline", "step_matched", "seq", "adjacent", "method")]
+    lambdas = [n for n in questions.get("lambdas", []) if n != questions.get("method")]
+    names = [n for n in names if n] + lambdas
     lines = ["## Q3: flow against adjacent (w = 1) and seq (ordered, no regulariser)", ""]
     header = ["cell", "final val loss (EMA)", "min val loss (EMA)", "final val loss (raw weights)",
               f"{extractor} FD val (last)"]  # fmt: skip
@@ -290,16 +301,15 @@ def ablation_section(q: dict, by_cell, extractor: str, results: dict) -> list[st
         res[name] = {"final_val": finals, "min_val": mins, "final_val_raw": raw, "fd_val": fds}
         rows.append([name, mean_std(finals, n, 4), mean_std(mins, n, 4), mean_std(raw, n, 4),
                      mean_std(fds, n)])  # fmt: skip
-    results["ablation"] = res
     lines += ["At the end of the equal image budget.", "", *table(header, rows), ""]
     lines += [f"{title(extractor)} at each evaluation point:", ""]
     lines += [*fd_curve_table(names, by_cell, extractor), ""]
-    return lines
+    return Section(lines, {"ablation": res})
 
 
-def gradient_section(q: dict, by_cell, results: dict) -> list[str]:
-    names = [q.get("baseline"), q.get("step_matched"), q.get("seq"), q.get("adjacent")]
-    names += list(q.get("lambdas", [])) or [q.get("method")]
+def gradient_section(questions: dict, by_cell) -> Section:
+    names = [questions.get(k) for k in ("baseline", "step_matched", "seq", "adjacent")]
+    names += list(questions.get("lambdas", [])) or [questions.get("method")]
     names = list(dict.fromkeys(n for n in names if n))
     lines = ["## Q4: gradient variance, gradient norm and parameter distance", ""]
     lines += [
@@ -324,15 +334,14 @@ def gradient_section(q: dict, by_cell, results: dict) -> list[str]:
         res[name] = {"grad_var": gv, "grad_norm": gn, "param_dist": pd}
         rows.append([name, ",".join(map(str, steps)) or "—", mean_std(gv, n), mean_std(gn, n),
                      mean_std(pd, n), mean_std(per, n)])  # fmt: skip
-    results["gradients"] = res
-    return [*lines, *table(header, rows), ""]
+    return Section([*lines, *table(header, rows), ""], {"gradients": res})
 
 
-def lambda_section(q: dict, by_cell, extractor: str, results: dict) -> list[str]:
-    names = [n for n in q.get("lambdas", []) if n]
+def lambda_section(questions: dict, by_cell, extractor: str) -> Section:
+    names = [n for n in questions.get("lambdas", []) if n]
     lines = ["## Q5: sensitivity to lambda, and the size of the regulariser", ""]
     if not names:
-        return [*lines, "*No lambda cells named.*", ""]
+        return Section([*lines, "*No lambda cells named.*", ""])
     lines += [
         "reg / denoise: the unweighted regulariser over the denoising loss, mean over the first "
         "and the last quarter of steps; lam x reg / loss: its share of the optimised loss.",
@@ -355,8 +364,7 @@ def lambda_section(q: dict, by_cell, extractor: str, results: dict) -> list[str]
                      "reg_ratio_last": lastq, "reg_share_last": share}  # fmt: skip
         rows.append([name, str(lam), mean_std(finals, n, 4), mean_std(fds, n),
                      mean_std(first, n), mean_std(lastq, n), mean_std(share, n)])  # fmt: skip
-    results["lambda"] = res
-    return [*lines, *table(header, rows), ""]
+    return Section([*lines, *table(header, rows), ""], {"lambda": res})
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -512,7 +520,7 @@ def write(study, cells, out: Path) -> Path:
     out = Path(out)
     extractor = study.evaluation["extractor"]
     by_cell = load_cells(cells)
-    q = study.questions
+    questions = study.questions
     results: dict[str, Any] = {"study": study.name, "budget_images": study.images}
     lines = [f"# Study `{study.name}`: results", ""]
     lines += [
@@ -531,20 +539,25 @@ def write(study, cells, out: Path) -> Path:
     if missing:
         lines += ["Cells without evaluation points (missing): " + ", ".join(missing), ""]
     results["missing_evaluations"] = missing
-    if q:
-        lines += speed_section(q, by_cell, results)
-        lines += ablation_section(q, by_cell, extractor, results)
-        lines += gradient_section(q, by_cell, results)
-        lines += lambda_section(q, by_cell, extractor, results)
+    if questions:
+        sections = (
+            speed_section(questions, by_cell),
+            ablation_section(questions, by_cell, extractor),
+            gradient_section(questions, by_cell),
+            lambda_section(questions, by_cell, extractor),
+        )
+        for section in sections:
+            lines += section.markdown
+            results.update(section.values)
         figures = (
-            ("study-speed.png", _plot_speed(q, by_cell, out / "study-speed.png"),
+            ("study-speed.png", _plot_speed(questions, by_cell, out / "study-speed.png"),
              "Q1-Q2: EMA validation loss of baseline, step-matched control and method against "
              "epochs, images and wall-clock; dashed: the levels."),
-            ("study-ablation.png", _plot_ablation(q, by_cell, extractor, out / "study-ablation.png"),
+            ("study-ablation.png", _plot_ablation(questions, by_cell, extractor, out / "study-ablation.png"),
              "Q3: validation loss and Frechet distance of iid, seq, adjacent and flow."),
-            ("study-gradients.png", _plot_gradients(q, by_cell, out / "study-gradients.png"),
+            ("study-gradients.png", _plot_gradients(questions, by_cell, out / "study-gradients.png"),
              "Q4: gradient variance, parameter distance and gradient norm."),
-            ("study-lambda.png", _plot_lambda(q, by_cell, out / "study-lambda.png"),
+            ("study-lambda.png", _plot_lambda(questions, by_cell, out / "study-lambda.png"),
              "Q5: the regulariser's share of the loss and the validation loss per lambda."),
         )  # fmt: skip
         lines += ["## Figures", ""]
