@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.sources import (
@@ -45,6 +46,16 @@ def _entries(root: Path) -> Iterator[tuple[Path, bool]]:
                 yield here / f, True
 
 
+@dataclass
+class _Listing:
+    """What the inputs of a video source give, in input order."""
+
+    tracks: list[Track] = field(default_factory=list)
+    excluded: list[Excluded] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    unmasked: list[str] = field(default_factory=list)  # inputs --mask-root has no mask for
+
+
 def discover_video(
     root: str | os.PathLike,
     *,
@@ -68,12 +79,7 @@ def discover_video(
         entries = [(root, True)]
     else:
         entries = list(_entries(root))
-    tracks: list[Track] = []
-    excluded: list[Excluded] = []
-    notes: list[str] = []
-    unmasked: list[str] = []
-    from pipeline.frames import video_header  # local import: image sources need no OpenCV
-
+    found = _Listing()
     owner: dict[str, str] = {}  # clip-name prefix -> the input that has it
     for entry, is_video in entries:
         rel = relative(base, entry) if entry != base else entry.name
@@ -83,93 +89,10 @@ def discover_video(
                 f"{owner[name]!r} and {rel!r} under {root} map to the same clip name {name!r}; "
                 "rename one"
             )
-        group = f"video-{name}"
-        if is_video:
-            opened, n, side = video_header(str(entry))
-            if not opened:
-                excluded.append(Excluded(f"{name}-00000000", str(base), (rel,), (-1,),
-                                         "unreadable_video"))  # fmt: skip
-                notes.append(f"cannot open video {entry}: recorded as unreadable_video")
-                continue
-            mvideo = _matching(mroot, base, entry, video=True)
-            if mroot is not None and mvideo is None:
-                unmasked.append(rel)
-            tracks.append(
-                Track(
-                    track_id=f"{name}-00000000",
-                    prefix=name,
-                    source="video",
-                    kind="video",
-                    dir=str(entry),
-                    mask_video=mvideo,
-                    expected=max(n, 0),
-                    stride=frame_stride,
-                    side=side,
-                    fingerprint=fingerprint_of(
-                        [f"{rel} {entry.stat().st_size}"]
-                        + ([f"m {mvideo} {_size(mvideo)}"] if mvideo else [])
-                    ),
-                    group=group,
-                )
-            )
-            continue
-        files = numbered_images(entry)
-        d = str(entry)
-        mdir = _matching(mroot, base, entry, video=False)
-        if mroot is not None and mdir is None:
-            unmasked.append(rel)
-        masks = numbered_images(mdir) if mdir else None
-        excluded.extend(files.excluded(name, d))
-        ids = sorted(files.by_id)  # a duplicated id is missing: a gap, which ends a track
-        if masks is not None:
-            bad = [f for f in ids if f in masks.duplicates]
-            for run in consecutive_runs(bad):
-                excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
-                                         tuple(files.by_id[f] for f in run), tuple(run),
-                                         DUPLICATE_MASK_ID))  # fmt: skip
-            ids = [f for f in ids if f not in masks.duplicates]
-        for run in consecutive_runs(ids):
-            kept = run[::frame_stride]
-            strided = [f for i, f in enumerate(run) if i % frame_stride]
-            if strided:
-                excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
-                                         tuple(files.by_id[f] for f in strided), tuple(strided),
-                                         FRAME_STRIDE))  # fmt: skip
-            names = tuple(files.by_id[f] for f in kept)
-            mask_names = tuple(masks.by_id.get(f) for f in kept) if masks is not None else ()
-            tracks.append(
-                Track(
-                    track_id=f"{name}-{kept[0]:08d}",
-                    prefix=name,
-                    source="video",
-                    kind="images",
-                    dir=d,
-                    ids=tuple(kept),
-                    names=names,
-                    mask_dir=mdir,
-                    mask_names=mask_names,
-                    expected=len(kept),
-                    side=first_side(os.path.join(d, n) for n in names),
-                    fingerprint=fingerprint_of(
-                        [f"{n} {files.sizes.get(n, -1)}" for n in names]
-                        + [f"m {n} {masks.sizes.get(n, -1)}" for n in mask_names if masks and n]
-                    ),
-                    group=group,
-                )
-            )
-    if unmasked:
-        shown = ", ".join(unmasked[:5]) + (
-            f" and {len(unmasked) - 5} more" if len(unmasked) > 5 else ""
-        )
-        if keep_mask:
-            raise SourceError(
-                f"--keep-mask needs a mask for every video: --mask-root {mroot} has none for "
-                f"{shown}"
-            )
-        notes.append(f"--mask-root {mroot} has no mask for {len(unmasked)} of {len(entries)} "
-                     f"inputs ({shown}); they are used unmasked")  # fmt: skip
-    if keep_mask and mroot is None:
-        raise SourceError("--keep-mask with --src video needs --mask-root (masks to keep)")
+        add = _add_video_file if is_video else _add_frame_folder
+        add(found, entry, rel=rel, name=name, base=base, mroot=mroot, frame_stride=frame_stride)
+    _check_masks(found, mroot, n_inputs=len(entries), keep_mask=keep_mask)
+    tracks, excluded = found.tracks, found.excluded
     if max_clips is not None and len(tracks) > max_clips:
         for t in tracks[max_clips:]:
             excluded.append(_whole_track(t, MAX_CLIPS))
@@ -180,7 +103,126 @@ def discover_video(
             f"under {root}"
         )
     fp = discovery_fingerprint(str(root), tracks, [f"excluded {sum(map(len, excluded))}"])
-    return Discovery(tracks, excluded, fp, str(root), notes)
+    return Discovery(tracks, excluded, fp, str(root), found.notes)
+
+
+def _add_video_file(
+    found: _Listing,
+    entry: Path,
+    *,
+    rel: str,
+    name: str,
+    base: Path,
+    mroot: Path | None,
+    frame_stride: int,
+) -> None:
+    """One track for a video file (its frames are counted when it is decoded); a video that
+    does not open is recorded as ``unreadable_video``."""
+    from pipeline.frames import video_header  # local import: image sources need no OpenCV
+
+    opened, n, side = video_header(str(entry))
+    if not opened:
+        found.excluded.append(Excluded(f"{name}-00000000", str(base), (rel,), (-1,),
+                                       "unreadable_video"))  # fmt: skip
+        found.notes.append(f"cannot open video {entry}: recorded as unreadable_video")
+        return
+    mvideo = _matching(mroot, base, entry, video=True)
+    if mroot is not None and mvideo is None:
+        found.unmasked.append(rel)
+    found.tracks.append(
+        Track(
+            track_id=f"{name}-00000000",
+            prefix=name,
+            source="video",
+            kind="video",
+            dir=str(entry),
+            mask_video=mvideo,
+            expected=max(n, 0),
+            stride=frame_stride,
+            side=side,
+            fingerprint=fingerprint_of(
+                [f"{rel} {entry.stat().st_size}"]
+                + ([f"m {mvideo} {_size(mvideo)}"] if mvideo else [])
+            ),
+            group=f"video-{name}",
+        )
+    )
+
+
+def _add_frame_folder(
+    found: _Listing,
+    entry: Path,
+    *,
+    rel: str,
+    name: str,
+    base: Path,
+    mroot: Path | None,
+    frame_stride: int,
+) -> None:
+    """The tracks of a folder of numbered frames: one per run of consecutive frame numbers,
+    every ``frame_stride``-th frame kept; unnumbered, duplicated and strided frames recorded."""
+    files = numbered_images(entry)
+    d = str(entry)
+    mdir = _matching(mroot, base, entry, video=False)
+    if mroot is not None and mdir is None:
+        found.unmasked.append(rel)
+    masks = numbered_images(mdir) if mdir else None
+    found.excluded.extend(files.excluded(name, d))
+    ids = sorted(files.by_id)  # a duplicated id is missing: a gap, which ends a track
+    if masks is not None:
+        bad = [f for f in ids if f in masks.duplicates]
+        for run in consecutive_runs(bad):
+            found.excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
+                                           tuple(files.by_id[f] for f in run), tuple(run),
+                                           DUPLICATE_MASK_ID))  # fmt: skip
+        ids = [f for f in ids if f not in masks.duplicates]
+    for run in consecutive_runs(ids):
+        kept = run[::frame_stride]
+        strided = [f for i, f in enumerate(run) if i % frame_stride]
+        if strided:
+            found.excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
+                                           tuple(files.by_id[f] for f in strided), tuple(strided),
+                                           FRAME_STRIDE))  # fmt: skip
+        names = tuple(files.by_id[f] for f in kept)
+        mask_names = tuple(masks.by_id.get(f) for f in kept) if masks is not None else ()
+        found.tracks.append(
+            Track(
+                track_id=f"{name}-{kept[0]:08d}",
+                prefix=name,
+                source="video",
+                kind="images",
+                dir=d,
+                ids=tuple(kept),
+                names=names,
+                mask_dir=mdir,
+                mask_names=mask_names,
+                expected=len(kept),
+                side=first_side(os.path.join(d, n) for n in names),
+                fingerprint=fingerprint_of(
+                    [f"{n} {files.sizes.get(n, -1)}" for n in names]
+                    + [f"m {n} {masks.sizes.get(n, -1)}" for n in mask_names if masks and n]
+                ),
+                group=f"video-{name}",
+            )
+        )
+
+
+def _check_masks(found: _Listing, mroot: Path | None, *, n_inputs: int, keep_mask: bool) -> None:
+    """Inputs without a mask: refused with --keep-mask, else used unmasked with a note."""
+    unmasked = found.unmasked
+    if unmasked:
+        shown = ", ".join(unmasked[:5]) + (
+            f" and {len(unmasked) - 5} more" if len(unmasked) > 5 else ""
+        )
+        if keep_mask:
+            raise SourceError(
+                f"--keep-mask needs a mask for every video: --mask-root {mroot} has none for "
+                f"{shown}"
+            )
+        found.notes.append(f"--mask-root {mroot} has no mask for {len(unmasked)} of {n_inputs} "
+                           f"inputs ({shown}); they are used unmasked")  # fmt: skip
+    if keep_mask and mroot is None:
+        raise SourceError("--keep-mask with --src video needs --mask-root (masks to keep)")
 
 
 def _whole_track(t: Track, reason: str) -> Excluded:
