@@ -27,14 +27,18 @@ from pipeline.config import (  # noqa: F401 - re-exported: the build API in one 
     Runtime,
     check_config,
     check_runtime,
-    discover,
-    synthetic_root,
 )
 from pipeline.outputs import format_summary, write_outputs  # noqa: F401 - re-exported
 from pipeline.plan import Plan, make_plan
 from pipeline.raycluster import check_shared_folder, ray_session
 from pipeline.shards import done_shard, shard_jobs, write_planned_shard
-from pipeline.sources import Discovery, Track, default_flow_size
+from pipeline.sources import (  # noqa: F401 - discover and synthetic_root re-exported
+    Discovery,
+    Track,
+    default_flow_size,
+    discover,
+    synthetic_root,
+)
 from pipeline.tracks import ChunkedPairs, CpuPairs, TrackOptions, load_meta, process_track
 from shards_spec.writer import atomic_write_json
 

@@ -1,16 +1,11 @@
-"""What a build is asked to do: its configuration and runtime, checked before any work, and which
-source adapter lists its inputs."""
+"""What a build is asked to do: its configuration and runtime, checked before any work."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline import frames as fr
-from pipeline.handco import discover_handco
-from pipeline.sources import SOURCES, Discovery, SourceError, parse_selection
-from pipeline.videos import discover_video
+from pipeline.sources import SOURCES, SourceError, parse_selection
 
 
 class BuildError(RuntimeError):
@@ -111,47 +106,3 @@ def check_config(cfg: BuildConfig) -> None:
 def check_runtime(rt: Runtime) -> None:
     _at_least("workers", rt.workers, 1)
     _at_least("flow_actors", rt.flow_actors, 1)
-
-
-def synthetic_root(cfg: BuildConfig) -> Path:
-    base = Path(os.environ.get("FRAMEBRIDGE_CACHE", "~/.cache/framebridge")).expanduser()
-    return base / (
-        f"synthetic-n{cfg.synth_sequences}-c{cfg.synth_cameras}-f{cfg.synth_frames}"
-        f"-s{cfg.synth_size}-seed{cfg.seed}"
-    )
-
-
-def discover(cfg: BuildConfig, progress: bool = True) -> Discovery:
-    common = {
-        "frame_stride": cfg.frame_stride,
-        "max_clips": cfg.max_clips,
-        "split_by": cfg.split_by,
-    }
-    if cfg.src == "video":
-        if not cfg.root:
-            raise SourceError("--src video needs --root PATH (a video file or a folder of videos)")
-        return discover_video(cfg.root, mask_root=cfg.mask_root, keep_mask=cfg.keep_mask, **common)
-    handco = {
-        "mask": cfg.mask,
-        "cameras": cfg.cameras,
-        "sequences": cfg.sequences,
-        "green_screen_only": not cfg.all_frames,
-        **common,
-    }
-    if cfg.src == "synthetic":
-        from pipeline.synth import generate
-
-        root = Path(cfg.root) if cfg.root else synthetic_root(cfg)
-        if not (root / "meta.json").is_file():
-            generate(
-                root,
-                sequences=cfg.synth_sequences,
-                cameras=cfg.synth_cameras,
-                frames=cfg.synth_frames,
-                size=cfg.synth_size,
-                seed=cfg.seed,
-                progress=progress,
-            )
-        return discover_handco(root, source_name="synthetic", **handco)
-    root = cfg.root or os.environ.get("HANCO_ROOT") or "./data/HanCo"
-    return discover_handco(root, **handco)

@@ -3,7 +3,8 @@
 A *track* is one run of frames that should be consecutive in the source (a HanCo
 (sequence, camera) run of consecutive frame ids, a numbered frame folder's run, or one video).
 Frames that later fail to decode split a track into several clips; see :mod:`pipeline.tracks`.
-The adapters live in :mod:`pipeline.handco` and :mod:`pipeline.videos`.
+The adapters live in :mod:`pipeline.handco` and :mod:`pipeline.videos`; :func:`discover` runs the
+one a build's ``--src`` names.
 
 Tracks are compact (a folder and tuples of names and ids, no object per frame): a HanCo-sized
 discovery holds about 860k frames in the driver.
@@ -18,6 +19,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -284,3 +289,57 @@ def relative(root: str | Path, path: str | Path) -> str:
         return Path(path).relative_to(root).as_posix()
     except ValueError:
         return Path(path).as_posix()
+
+
+def synthetic_root(cfg: BuildConfig) -> Path:
+    """Where ``--src synthetic`` without ``--root`` keeps its rendered set, one per set of
+    synthetic options: under ``$FRAMEBRIDGE_CACHE`` (default ``~/.cache/framebridge``)."""
+    base = Path(os.environ.get("FRAMEBRIDGE_CACHE", "~/.cache/framebridge")).expanduser()
+    return base / (
+        f"synthetic-n{cfg.synth_sequences}-c{cfg.synth_cameras}-f{cfg.synth_frames}"
+        f"-s{cfg.synth_size}-seed{cfg.seed}"
+    )
+
+
+def discover(cfg: BuildConfig, progress: bool = True) -> Discovery:
+    """The tracks and excluded frames of a build's source, listed by its adapter.
+
+    The synthetic set is rendered first (:func:`pipeline.synth.generate`) when its folder holds
+    no ``meta.json`` yet.
+    """
+    from pipeline.handco import discover_handco  # here: the adapters import this module
+    from pipeline.videos import discover_video
+
+    common = {
+        "frame_stride": cfg.frame_stride,
+        "max_clips": cfg.max_clips,
+        "split_by": cfg.split_by,
+    }
+    if cfg.src == "video":
+        if not cfg.root:
+            raise SourceError("--src video needs --root PATH (a video file or a folder of videos)")
+        return discover_video(cfg.root, mask_root=cfg.mask_root, keep_mask=cfg.keep_mask, **common)
+    handco = {
+        "mask": cfg.mask,
+        "cameras": cfg.cameras,
+        "sequences": cfg.sequences,
+        "green_screen_only": not cfg.all_frames,
+        **common,
+    }
+    if cfg.src == "synthetic":
+        from pipeline.synth import generate
+
+        root = Path(cfg.root) if cfg.root else synthetic_root(cfg)
+        if not (root / "meta.json").is_file():
+            generate(
+                root,
+                sequences=cfg.synth_sequences,
+                cameras=cfg.synth_cameras,
+                frames=cfg.synth_frames,
+                size=cfg.synth_size,
+                seed=cfg.seed,
+                progress=progress,
+            )
+        return discover_handco(root, source_name="synthetic", **handco)
+    root = cfg.root or os.environ.get("HANCO_ROOT") or "./data/HanCo"
+    return discover_handco(root, **handco)
