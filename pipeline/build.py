@@ -29,7 +29,7 @@ from pipeline.config import (  # noqa: F401 - re-exported: the build API in one 
     check_runtime,
 )
 from pipeline.outputs import format_summary, write_outputs  # noqa: F401 - re-exported
-from pipeline.plan import Plan, make_plan
+from pipeline.plan import SPLITS, Plan, make_plan
 from pipeline.raycluster import check_shared_folder, ray_session
 from pipeline.shards import done_shard, shard_jobs, write_planned_shard
 from pipeline.sources import (  # noqa: F401 - discover and synthetic_root re-exported
@@ -40,12 +40,11 @@ from pipeline.sources import (  # noqa: F401 - discover and synthetic_root re-ex
     synthetic_root,
 )
 from pipeline.tracks import ChunkedPairs, CpuPairs, TrackOptions, load_meta, process_track
+from shards_spec.format import INDEX_NAME, MANIFEST_NAME, SKIPPED_NAME, SUMMARY_NAME
 from shards_spec.writer import atomic_write_json
 
 CACHE = ".cache"  # OUT/.cache/{track_id}: stage-1 results, kept for later builds (--drop-cache)
-BUILD_FILES = {
-    "dataset.json", "index.parquet", "skipped.parquet", "summary.json", ".work", CACHE
-}  # fmt: skip
+BUILD_FILES = {MANIFEST_NAME, INDEX_NAME, SKIPPED_NAME, SUMMARY_NAME, ".work", CACHE}
 
 
 # ------------------------------------------------------------------ Ray workers
@@ -203,9 +202,9 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
     """
     work = out / ".work"
     previous = None
-    if (out / "dataset.json").is_file():
+    if (out / MANIFEST_NAME).is_file():
         try:
-            m = json.loads((out / "dataset.json").read_text())
+            m = json.loads((out / MANIFEST_NAME).read_text())
             previous = {"config": m.get("build_config"), "fingerprint": m["source"]["fingerprint"]}
         except (OSError, ValueError, KeyError, TypeError):
             previous = {"config": None, "fingerprint": None}
@@ -215,10 +214,10 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
         except (OSError, ValueError):
             previous = None
     if out.is_dir():
-        foreign = [p.name for p in out.iterdir() if p.name not in BUILD_FILES | {"train", "val"}]
+        foreign = [p.name for p in out.iterdir() if p.name not in BUILD_FILES | set(SPLITS)]
         if foreign and previous is None and not (work.is_dir() or (out / CACHE).is_dir()):
             raise BuildError(f"{out} is not empty and holds no build; choose another --out")
-    finished = (out / "dataset.json").is_file()
+    finished = (out / MANIFEST_NAME).is_file()
     same_config = previous is not None and previous.get("config") == identity["config"]
     if previous is not None and not same_config and not overwrite:
         old = previous.get("config") or {}
@@ -235,7 +234,7 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
             "changed since); pass --overwrite to rebuild it (unchanged tracks are reused)"
         )
     if previous is not None and previous != identity:
-        for name in (*BUILD_FILES, "train", "val"):
+        for name in (*BUILD_FILES, *SPLITS):
             if name == CACHE:
                 continue
             p = out / name
@@ -334,7 +333,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
             print(f"{out}: already complete; nothing to do")
             if rt.drop_cache:
                 shutil.rmtree(cache, ignore_errors=True)
-            return json.loads((out / "summary.json").read_text())
+            return json.loads((out / SUMMARY_NAME).read_text())
         if res["cluster"] and (res["nodes"] > 1 or _ray_client()):
             check_shared_folder(out, _probe_inputs(disc))
         spec = fr.FrameSpec(cfg.size, flow_size, fr.parse_bg(cfg.bg))
@@ -393,7 +392,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
         stage_s=lap.times,
         frames_per_s=round(summary["frames_input"] / wall, 2) if wall else None,
     )
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY_NAME, summary)
     if not rt.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     if rt.drop_cache:

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.plan import Plan
 from pipeline.tracks import track_dir
-from shards_spec.format import shard_path
+from shards_spec.format import FLOW_MEMBER, JSON_MEMBER, frame_member, mask_member, shard_path
 from shards_spec.writer import atomic_write_json, write_shard
 
 READ_BUDGET = 256 << 20  # bytes of frames and masks a shard task reads ahead at most
@@ -119,16 +119,16 @@ def _samples(jobs: list[dict], budget: int) -> Iterator[dict]:
             d = job["dir"]
             sample = {"__key__": job["key"]}
             for k, (off, ln) in enumerate(job["frames"]):
-                sample[f"f{k}.png"] = data[(f"{d}/frames.bin", off, ln)]
+                sample[frame_member(k)] = data[(f"{d}/frames.bin", off, ln)]
             if job["masks"] is not None:
                 for k, (off, ln) in enumerate(job["masks"]):
-                    sample[f"mask{k}.png"] = data[(f"{d}/masks.bin", off, ln)]
+                    sample[mask_member(k)] = data[(f"{d}/masks.bin", off, ln)]
             if job["pairs"] is not None:
                 a, b = job["pairs"]
                 buf = io.BytesIO()
                 np.save(buf, data[(f"{d}/flow.npy", a, b)])
-                sample["flow.npy"] = buf.getvalue()
-            sample["json"] = json.dumps(job["json"], sort_keys=True).encode()
+                sample[FLOW_MEMBER] = buf.getvalue()
+            sample[JSON_MEMBER] = json.dumps(job["json"], sort_keys=True).encode()
             yield sample
         del data
 
