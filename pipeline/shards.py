@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.plan import Plan
-from pipeline.tracks import track_dir
+from pipeline.tracks import FLOW_FILE, FRAMES_FILE, MASKS_FILE, track_dir
 from shards_spec.format import FLOW_MEMBER, JSON_MEMBER, frame_member, mask_member, shard_path
 from shards_spec.writer import atomic_write_json, write_shard
 
@@ -96,11 +96,11 @@ def _prefetch(jobs: list[dict]) -> dict:
     flows: dict[str, set[tuple[int, int]]] = {}
     for job in jobs:
         d = job["dir"]
-        ranges.setdefault(f"{d}/frames.bin", set()).update(map(tuple, job["frames"]))
+        ranges.setdefault(f"{d}/{FRAMES_FILE}", set()).update(map(tuple, job["frames"]))
         if job["masks"] is not None:
-            ranges.setdefault(f"{d}/masks.bin", set()).update(map(tuple, job["masks"]))
+            ranges.setdefault(f"{d}/{MASKS_FILE}", set()).update(map(tuple, job["masks"]))
         if job["pairs"] is not None:
-            flows.setdefault(f"{d}/flow.npy", set()).add(tuple(job["pairs"]))
+            flows.setdefault(f"{d}/{FLOW_FILE}", set()).add(tuple(job["pairs"]))
     out: dict = {}
     for path in sorted(ranges):
         _read_ranges(path, ranges[path], out)
@@ -119,14 +119,14 @@ def _samples(jobs: list[dict], budget: int) -> Iterator[dict]:
             d = job["dir"]
             sample = {"__key__": job["key"]}
             for k, (off, ln) in enumerate(job["frames"]):
-                sample[frame_member(k)] = data[(f"{d}/frames.bin", off, ln)]
+                sample[frame_member(k)] = data[(f"{d}/{FRAMES_FILE}", off, ln)]
             if job["masks"] is not None:
                 for k, (off, ln) in enumerate(job["masks"]):
-                    sample[mask_member(k)] = data[(f"{d}/masks.bin", off, ln)]
+                    sample[mask_member(k)] = data[(f"{d}/{MASKS_FILE}", off, ln)]
             if job["pairs"] is not None:
                 a, b = job["pairs"]
                 buf = io.BytesIO()
-                np.save(buf, data[(f"{d}/flow.npy", a, b)])
+                np.save(buf, data[(f"{d}/{FLOW_FILE}", a, b)])
                 sample[FLOW_MEMBER] = buf.getvalue()
             sample[JSON_MEMBER] = json.dumps(job["json"], sort_keys=True).encode()
             yield sample

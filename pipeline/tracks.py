@@ -29,7 +29,10 @@ from pipeline.flow import downsample_flow, flow_msq
 from pipeline.sources import FRAME_STRIDE, Track, numbered_images
 from shards_spec.writer import atomic_write_bytes, atomic_write_json, encode_png
 
-META = "meta.json"
+META = "meta.json"  # written last: the commit marker
+FRAMES_FILE = "frames.bin"  # the PNG bytes of the kept frames, back to back
+MASKS_FILE = "masks.bin"  # the PNG bytes of their masks (--keep-mask)
+FLOW_FILE = "flow.npy"  # the stored flow fields, pair order (--keep-flow)
 CACHE_VERSION = 2
 
 # (frame_id, source path, rgb, reason, mask, mask_reason)
@@ -258,15 +261,15 @@ def process_track(cache: Path, track: Track, opts: TrackOptions, pairs) -> dict:
         flow_side = flow_side or int(prepared.flow.shape[0])
         pairs.push(clips, clips.add(entry), prepared.flow)
     pairs.finish(clips)
-    atomic_write_bytes(tdir / "frames.bin", bytes(frames))
+    atomic_write_bytes(tdir / FRAMES_FILE, bytes(frames))
     if masks:
-        atomic_write_bytes(tdir / "masks.bin", bytes(masks))
+        atomic_write_bytes(tdir / MASKS_FILE, bytes(masks))
     if opts.keep_flow:
         side = opts.keep_flow
         arr = np.stack(clips.stored) if clips.stored else np.zeros((0, 2, side, side), np.float16)
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
-        atomic_write_bytes(tdir / "flow.npy", buf.getvalue())
+        atomic_write_bytes(tdir / FLOW_FILE, buf.getvalue())
     meta = {
         "track_id": track.track_id,
         "cache_key": opts.cache_key(track),
