@@ -26,13 +26,14 @@ from shards_spec.writer import atomic_write_json, write_shard
 READ_BUDGET = 256 << 20  # bytes of frames and masks a shard task reads ahead at most
 
 
-def window_job(plan: Plan, i: int, work: Path, keep_mask: bool, keep_flow: bool) -> dict:
-    """The small, picklable description of window ``i`` of ``plan`` a shard task needs."""
+def window_job(plan: Plan, i: int, cache: Path, keep_mask: bool, keep_flow: bool) -> dict:
+    """The small, picklable description of window ``i`` of ``plan`` a shard task needs
+    (``cache``: the track cache folder its frames are read from)."""
     frames = plan.frames(i)
     p = plan.pair_index(i)
     return {
         "key": plan.key(i),
-        "dir": str(track_dir(work, plan.track_of(i))),
+        "dir": str(track_dir(cache, plan.track_of(i))),
         "frames": [f[1:3] for f in frames],
         "masks": [f[3:5] for f in frames] if keep_mask and len(frames[0]) >= 5 else None,
         "pairs": [p, p + len(frames) - 1] if keep_flow else None,
@@ -41,13 +42,17 @@ def window_job(plan: Plan, i: int, work: Path, keep_mask: bool, keep_flow: bool)
 
 
 def shard_jobs(
-    plan: Plan, split: str, n: int, work: Path, keep_mask: bool, keep_flow: bool
+    plan: Plan, split: str, n: int, cache: Path, keep_mask: bool, keep_flow: bool
 ) -> list[dict]:
     """The jobs of shard ``n`` of ``split``, in write order (built when the shard is submitted)."""
-    return [window_job(plan, int(i), work, keep_mask, keep_flow) for i in plan.shard(split, n)]
+    return [
+        window_job(plan, int(i), cache, keep_mask=keep_mask, keep_flow=keep_flow)
+        for i in plan.shard(split, n)
+    ]
 
 
 def marker_path(work: Path, split: str, n: int) -> Path:
+    """The commit marker of shard ``n`` of ``split`` in the build's work folder (OUT/.work)."""
     return Path(work) / "shards" / f"{split}-{n:06d}.json"
 
 
