@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,10 +170,30 @@ def _check_folder(folder: Path, flag: str, given: Path) -> None:
         raise RunError(f"{flag} {given}: {above} is not writable")
 
 
-def foreign_files(folder: Path, allowed: frozenset[str] | set[str]) -> str | None:
+def atomic_leftover(name: str, targets: Iterable[str]) -> bool:
+    """Whether ``name`` is what an interrupted `shards_spec.atomic` write of one of ``targets``
+    leaves beside it: ``.TARGET.*.tmp`` (atomic_output's temporary file; ``.TARGET.tmp`` too,
+    the name this project's writers used before) or ``.TARGET.old-PID`` (replace_folder's old
+    folder). shards_spec.atomic names these without saying so publicly; this follows it."""
+    for target in targets:
+        rest = name.removeprefix(f".{target}.")
+        if rest != name and (rest == "tmp" or rest.endswith(".tmp") or rest.startswith("old-")):
+            return True
+    return False
+
+
+def foreign_files(
+    folder: Path, allowed: frozenset[str] | set[str], leftovers_of: Iterable[str] = ()
+) -> str | None:
     """The files of ``folder`` outside ``allowed``, named for a message ("a.png and 2 more"),
-    or None when there are none."""
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+    or None when there are none. What an interrupted atomic write of one of ``leftovers_of``
+    left behind (`atomic_leftover`) is not foreign."""
+    leftovers_of = tuple(leftovers_of)
+    foreign = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in allowed and not atomic_leftover(p.name, leftovers_of)
+    )
     if not foreign:
         return None
     return foreign[0] + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")

@@ -9,7 +9,7 @@ can depend on ``batch`` itself and on the device, through the float rounding of 
 by ~5e-7 between batch 1..16 and 17+, which moves an odd pixel by one level.
 
 The output folder is resumable: ``DIR/{index:06d}.png`` already present are skipped, each file
-is written under a temporary name and renamed, and ``DIR/sample.json`` records what the folder
+is written under a temporary name and renamed (`shards_spec.atomic`), and ``DIR/sample.json`` records what the folder
 holds so that a later call with another run, checkpoint or sampler is refused; a non-empty
 folder without that record is refused too (its PNGs are not this command's). ``n`` in the record
 is the largest count asked for, and ``complete`` and ``written`` say how many of those are there.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,12 +34,14 @@ from tqdm import tqdm
 
 from eval.runs import (
     RunError,
+    atomic_leftover,
     check_device,
     check_finite,
     check_out_dir,
     foreign_files,
     load,
 )
+from shards_spec.atomic import atomic_write_bytes, atomic_write_text
 from train import distributed, folder_lock
 from train.diffusion import Schedule, ddim_step, ddim_timesteps
 
@@ -50,17 +51,13 @@ MUST_MATCH = ("run", "run_id", "step", "ema", "steps", "eta", "seed", "clip_x0")
 # what a folder sampled before a field existed was sampled with
 RECORD_LEGACY = {"clip_x0": False, "run_id": None}
 # what may be in a folder before its first record: the lock and a killed write of the record
+# (`eval.runs.atomic_leftover` of RECORD_NAME: .sample.json.*.tmp)
 BEFORE_RECORD = frozenset({folder_lock.LOCK_NAME, f".{RECORD_NAME}.tmp"})
 
 
 def image_name(index: int) -> str:
     """File name of image ``index`` (``000042.png``)."""
     return f"{index:06d}.png"
-
-
-def _temp_name(index: int) -> str:
-    """Temporary name of image ``index`` while it is being written (never counted as done)."""
-    return f".{image_name(index)}.tmp"
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
@@ -166,9 +163,8 @@ def write_png(folder: Path, index: int, image: np.ndarray) -> Path:
     ok, data = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
     if not ok:
         raise OSError(f"could not encode image {index} as PNG")
-    path, tmp = folder / image_name(index), folder / _temp_name(index)
-    tmp.write_bytes(data.tobytes())
-    os.replace(tmp, path)
+    path = folder / image_name(index)
+    atomic_write_bytes(path, data.tobytes())
     return path
 
 
@@ -178,11 +174,17 @@ def todo(folder: Path, n: int, rank: int = 0, world: int = 1) -> list[int]:
 
 
 def remove_stale_temps(folder: Path, rank: int = 0, world: int = 1) -> None:
-    """Delete temporary PNGs of this rank's indices that a killed write left behind."""
-    for tmp in folder.glob(".*.png.tmp"):
+    """Delete temporary PNGs of this rank's indices that a killed write left behind
+    (``.000042.png.*.tmp``, or ``.000042.png.tmp`` of an older writer), and on rank 0 those of
+    the record."""
+    for tmp in {*folder.glob(".*.png.tmp"), *folder.glob(".*.png.*.tmp")}:
         stem = tmp.name[1:].split(".", 1)[0]
         if stem.isdigit() and int(stem) % world == rank:
             tmp.unlink(missing_ok=True)
+    if rank == 0:
+        for tmp in folder.glob(f".{RECORD_NAME}.*"):
+            if atomic_leftover(tmp.name, [RECORD_NAME]):
+                tmp.unlink(missing_ok=True)
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -201,7 +203,7 @@ def check_record(folder: Path, record: dict[str, Any]) -> None:
     non-empty folder without one (its files are not this command's)."""
     old = read_record(folder)
     if old is None:
-        foreign = foreign_files(folder, BEFORE_RECORD)
+        foreign = foreign_files(folder, BEFORE_RECORD, leftovers_of=[RECORD_NAME])
         if foreign:
             raise RunError(
                 f"{folder} holds files ({foreign}) but no {RECORD_NAME}: not a folder of eval "
@@ -227,12 +229,7 @@ def write_record(folder: Path, record: dict[str, Any]) -> None:
     n = max(int(record["n"]), int(old.get("n", 0)))
     written = n - len(todo(folder, n))
     record = {**record, "n": n, "complete": written == n, "written": written}
-    file, tmp = folder / RECORD_NAME, folder / f".{RECORD_NAME}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    atomic_write_text(folder / RECORD_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
