@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -48,7 +47,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from eval.runs import Loaded, RunError, check_out_dir, foreign_files, load
+from eval.runs import Loaded, RunError, atomic_leftover, check_out_dir, foreign_files, load
+from shards_spec.atomic import atomic_write_bytes, atomic_write_text, replace_folder
 from train import folder_lock
 from train.diffusion import Schedule
 from train.unet import AttnBlock, ResBlock, UNet
@@ -59,6 +59,7 @@ TMP_NAME = ".export-tmp"  # DIR/.export-tmp/: the export being written, moved in
 EXPORT_NAMES = frozenset(
     {"model_index.json", "unet", "scheduler", RECORD_NAME, TMP_NAME, folder_lock.LOCK_NAME}
 )
+PLACED = ("unet", "scheduler", RECORD_NAME, "model_index.json")  # what _place writes into DIR
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
 CHECK_TOL = 1e-4  # max |diffusers - ours| on the check inputs, relative to max(1, max |ours|)
@@ -244,10 +245,11 @@ def to_scheduler(sched: Schedule):
 
 
 def check_export_folder(folder: Path) -> None:
-    """RunError when ``folder`` holds files other than an export's."""
+    """RunError when ``folder`` holds files other than an export's (or what an interrupted
+    export left of them)."""
     if not folder.is_dir():
         return
-    foreign = foreign_files(folder, EXPORT_NAMES)
+    foreign = foreign_files(folder, EXPORT_NAMES, leftovers_of=PLACED)
     if foreign:
         raise RunError(
             f"--out {folder} holds files ({foreign}) that are not an export's: use an empty or "
@@ -290,16 +292,25 @@ def record(loaded: Loaded, ema: bool, check: float | None) -> dict[str, Any]:
     }
 
 
-def _place(tmp: Path, folder: Path) -> None:
-    """Move the export written in ``tmp`` into ``folder``; model_index.json goes last, so that a
-    folder cut short is not loadable."""
+def _remove_leftovers(folder: Path) -> None:
+    """Delete what an interrupted `_place` left beside the files it writes (`atomic_leftover`)."""
+    for path in folder.iterdir():
+        if atomic_leftover(path.name, PLACED):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _place(tmp: Path, folder: Path, info: dict[str, Any]) -> None:
+    """Move the export written in ``tmp`` into ``folder`` with its record ``info``;
+    model_index.json goes last, so that a folder cut short is not loadable."""
     (folder / "model_index.json").unlink(missing_ok=True)
+    _remove_leftovers(folder)
     for name in ("unet", "scheduler"):
-        if (folder / name).is_dir():
-            shutil.rmtree(folder / name)
-        os.replace(tmp / name, folder / name)
-    os.replace(tmp / RECORD_NAME, folder / RECORD_NAME)
-    os.replace(tmp / "model_index.json", folder / "model_index.json")
+        replace_folder(tmp / name, folder / name)
+    atomic_write_text(folder / RECORD_NAME, json.dumps(info, indent=2) + "\n")
+    atomic_write_bytes(folder / "model_index.json", (tmp / "model_index.json").read_bytes())
     shutil.rmtree(tmp)
 
 
@@ -346,8 +357,7 @@ def export(
                 f"{CHECK_TOL:g}; nothing was written to {folder}"
             )
         info = record(loaded, ema, diff)
-        (tmp / RECORD_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        _place(tmp, folder)
+        _place(tmp, folder, info)
     finally:
         folder_lock.release(lock)
     return info
