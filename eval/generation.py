@@ -42,7 +42,7 @@ from .metrics import (
     sample_files,
     write_json,
 )
-from .plots import mosaic
+from .plots import mosaic, save_png
 from .runs import check_out_file
 from .sample import to_uint8
 
@@ -181,10 +181,7 @@ def grid_figure(panels: dict[str, np.ndarray], path: Path, count: int = 32) -> N
         ax.imshow(mosaic(images[:count], cols=8), interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

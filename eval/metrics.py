@@ -23,7 +23,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from cleanfid.fid import frechet_distance, kernel_distance
 from prdc import compute_prdc
 
 from shards_spec import reader
+from shards_spec.atomic import atomic_output, atomic_write_text
 from shards_spec.format import SpecError, frame_member
 
 from .features import (
@@ -192,18 +192,8 @@ def load_cached(path: Path, key: str, dim: int) -> np.ndarray | None:
 
 def save_cached(path: Path, key: str, feats: np.ndarray) -> None:
     """Write the features atomically (temporary file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=feats, key=np.array(key))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a file: savez adds .npz to a name
+        np.savez(f, features=feats, key=np.array(key))
 
 
 def reference_frames(build: reader.Build, split: str, n_ref: int):
@@ -441,11 +431,7 @@ def resolve_device(device: str) -> str:
 
 def write_json(path: str | os.PathLike, result: dict[str, Any]) -> None:
     """Write `result` to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ and returns False (or None) when it has nothing to draw, in which case no file i
 from __future__ import annotations
 
 import math
-import os
 import re
 import statistics
 from collections.abc import Callable
@@ -23,6 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+
+from shards_spec.atomic import atomic_output
 
 AXIS_TITLES = {
     "steps": "optimizer steps",
@@ -158,9 +159,8 @@ def figure(panels: int) -> tuple[Figure, list]:
 
 def save_png(fig: Figure, path: Path) -> None:
     """Write the figure to ``path`` as a PNG, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def fid_plot(variants, extractor: str, name: str, axis: str, path: Path) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from eval import plots
 from eval.features import EXTRACTORS
 from eval.plots import fmt_axis, mean_std, table
 from eval.runs import EVALS_DIR, RunError, check_out_dir, read_config
+from shards_spec.atomic import atomic_write_text
 from train.metrics import METRICS_NAME, read_metrics
 from train.options import WINDOW_METHODS
 
@@ -500,9 +500,7 @@ def make_report(runs: list[Path], out: Path, extractor: str | None = None) -> Pa
     lines += ["## The paper's Table 1 (reference; 50k samples, its own setting)", ""]
     lines += [*paper_table(), ""]
     report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, report)
+    atomic_write_text(report, "\n".join(lines))
     return report
 
 

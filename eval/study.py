@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shards_spec import SpecError, open_build
+from shards_spec.atomic import atomic_write_text
 from train import checkpoint, folder_lock
 from train.options import WINDOW_METHODS
 
@@ -221,10 +222,8 @@ def read_cell(run: Path) -> dict[str, Any]:
 
 
 def write_cell(run: Path, record: dict[str, Any]) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    tmp = run / f".{CELL_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, run / CELL_FILE)
+    """Write a cell's status record atomically (the run folder made if need be)."""
+    atomic_write_text(run / CELL_FILE, json.dumps(record, indent=1, sort_keys=True))
 
 
 def prune(cell: Cell) -> None:

@@ -21,12 +21,13 @@ the study file is read.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
+
+from shards_spec.atomic import atomic_write_text
 
 from . import plots
 from .plots import fmt_axis, mean_std, table
@@ -564,11 +565,8 @@ def write(study, cells, out: Path) -> Path:
         for file, ok, caption in figures:
             lines += [f"![{caption}]({file})" if ok else f"*Not plotted: {file}.*", "", f"*{caption}*", ""]  # fmt: skip
     for name, data in (("results.json", results), ("curves.json", curves(by_cell))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=None, separators=(",", ":"), default=str))
-        os.replace(tmp, out / name)
+        text = json.dumps(data, indent=None, separators=(",", ":"), default=str)
+        atomic_write_text(out / name, text)
     path = out / "results.md"
-    tmp = out / ".results.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
     return path

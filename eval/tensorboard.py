@@ -36,6 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from shards_spec.atomic import replace_folder
 from train import folder_lock
 from train.metrics import (
     METRICS_NAME,
@@ -283,13 +284,9 @@ def _sample_folders(run: Path) -> list[tuple[int, Path]]:
 
 
 def _replace(tmp: Path, dest: Path) -> None:
-    """Put the folder ``tmp`` where ``dest`` is (its old contents removed after)."""
+    """Put the folder ``tmp`` where ``dest`` is (its old contents removed after); a ``dest``
+    that is a file is refused, and ``tmp`` removed."""
     if dest.exists() and not dest.is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunError(f"{dest} is a file, not a folder of event files")
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, dest)
