@@ -30,7 +30,7 @@ from pipeline.config import (  # noqa: F401 - re-exported: the build API in one 
 )
 from pipeline.outputs import format_summary, write_outputs  # noqa: F401 - re-exported
 from pipeline.plan import SPLITS, Plan, make_plan
-from pipeline.raycluster import check_shared_folder, ray_session
+from pipeline.raycluster import Resources, check_shared_folder, ray_session
 from pipeline.shards import done_shard, shard_jobs, write_planned_shard
 from pipeline.sources import (  # noqa: F401 - discover and synthetic_root re-exported
     Discovery,
@@ -111,7 +111,7 @@ class FlowActor:
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES)
 def _shard_task(out: str, work: str, split: str, n: int, jobs: list[dict]) -> dict:
-    return write_planned_shard(Path(out), Path(work), split, n, jobs)
+    return write_planned_shard(out=Path(out), work=Path(work), split=split, n=n, jobs=jobs)
 
 
 STALL_WARN_S = 900.0  # nothing finished for this long: say what may be waiting
@@ -147,35 +147,47 @@ def _in_flight(cpus: float, workers: int | None) -> int:
     return workers if workers else max(1, 2 * int(cpus))
 
 
-def _run_tracks(todo, cache, opts, backend, raft, cpus, gpus, rt, bar) -> Iterator[tuple]:
-    limit = _in_flight(cpus, rt.workers)
+def _run_tracks(
+    todo: list[Track],
+    *,
+    cache: Path,
+    opts: TrackOptions,
+    backend: str,
+    raft: fl.RaftConfig | None,
+    res: Resources,
+    rt: Runtime,
+    bar: tqdm,
+) -> Iterator[tuple[Track, dict]]:
+    """Run stage 1 on the tracks ``todo``; yield (track, committed meta) as each finishes."""
+    limit = _in_flight(res.cpus, rt.workers)
     if backend in fl.CPU_BACKENDS:
 
         def submit(t):
-            return _track_task.remote(str(cache), t, opts, backend)
+            return _track_task.remote(str(cache), t, opts, backend=backend)
 
         for track, meta in _bounded(submit, todo, limit):
             bar.update(max(track.expected, 1))
             yield track, meta
         return
 
-    n_actors = _flow_actors(rt.flow_actors, cpus, gpus)
+    n_actors = _flow_actors(rt.flow_actors, res)
     # A CPU actor reserves a core only when another is left for the frame tasks.
-    actor_opts = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1 if cpus >= 2 else 0}
+    actor_opts = {"num_gpus": 1} if res.gpus >= 1 else {"num_cpus": 1 if res.cpus >= 2 else 0}
     actors = [FlowActor.options(**actor_opts).remote(raft) for _ in range(n_actors)]
     turn = iter(range(1 << 62))
 
     def submit(t):
         actor = actors[next(turn) % n_actors]
-        return _raft_track_task.remote(str(cache), t, opts, actor, RAFT_CHUNK)
+        return _raft_track_task.remote(str(cache), t, opts, actor=actor, chunk=RAFT_CHUNK)
 
     for track, meta in _bounded(submit, todo, limit + 2 * n_actors):
         bar.update(max(track.expected, 1))
         yield track, meta
 
 
-def _flow_actors(requested: int | None, cpus: float, gpus: float) -> int:
+def _flow_actors(requested: int | None, res: Resources) -> int:
     """RAFT actors: one per GPU by default; never more than the cluster can place."""
+    cpus, gpus = res.cpus, res.gpus
     if requested is None:
         return int(gpus) if gpus >= 1 else 1
     room = int(gpus) if gpus >= 1 else max(1, int(cpus) - 1)
@@ -250,9 +262,9 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
     return False
 
 
-def _check_resources(cfg: BuildConfig, rt: Runtime, res: dict, backend: str) -> None:
+def _check_resources(rt: Runtime, res: Resources, backend: str) -> None:
     if backend in fl.RAFT_BACKENDS:
-        _flow_actors(rt.flow_actors, res["cpus"], res["gpus"])
+        _flow_actors(rt.flow_actors, res)
 
 
 def _check_cluster_paths(cfg: BuildConfig, disc: Discovery) -> None:
@@ -307,20 +319,25 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
     work = out / ".work"
     cache = out / CACHE
     lap("discover")
-    with ray_session(rt.address, rt.workers) as res:
+    with ray_session(rt.address, rt.workers) as session:
+        res = Resources(**session)
         lap("ray_start")
-        if res["cluster"]:  # tasks run in other working folders, maybe on other machines
+        if res.cluster:  # tasks run in other working folders, maybe on other machines
             _check_cluster_paths(cfg, disc)
             out = out.absolute()
             work, cache = out / ".work", out / CACHE
-        backend = fl.resolve_backend(cfg.flow, res["gpus"])
-        _check_resources(cfg, rt, res, backend)
+        backend = fl.resolve_backend(cfg.flow, res.gpus)
+        _check_resources(rt, res, backend)
         raft = None
         weights_path = None
         flow_id = ""
         if backend in fl.RAFT_BACKENDS:
             raft = fl.RaftConfig(
-                backend, cfg.flow_weights, cfg.flow_precision, cfg.flow_batch, cfg.raft_iters
+                name=backend,
+                weights=cfg.flow_weights,
+                precision=cfg.flow_precision,
+                batch=cfg.flow_batch,
+                iters=cfg.raft_iters,
             )
             weights_path = fl.resolve_raft_weights(raft)  # fails fast when the file is missing
             if weights_path is None:
@@ -334,10 +351,16 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
             if rt.drop_cache:
                 shutil.rmtree(cache, ignore_errors=True)
             return json.loads((out / SUMMARY_NAME).read_text())
-        if res["cluster"] and (res["nodes"] > 1 or _ray_client()):
+        if res.cluster and (res.nodes > 1 or _ray_client()):
             check_shared_folder(out, _probe_inputs(disc))
         spec = fr.FrameSpec(cfg.size, flow_size, fr.parse_bg(cfg.bg))
-        opts = TrackOptions(spec, cfg.keep_mask, cfg.keep_flow, backend, flow_id)
+        opts = TrackOptions(
+            spec=spec,
+            keep_mask=cfg.keep_mask,
+            keep_flow=cfg.keep_flow,
+            flow=backend,
+            flow_id=flow_id,
+        )
 
         # Stage 1: tracks (each frame decoded once, each pair's flow once)
         committed: dict[str, dict] = {}
@@ -354,7 +377,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
         with tqdm(total=total, initial=done, unit="frame", desc="frames+flow",
                   disable=not rt.progress, dynamic_ncols=True) as bar:  # fmt: skip
             for track, meta in _run_tracks(
-                todo, cache, opts, backend, raft, res["cpus"], res["gpus"], rt, bar
+                todo, cache=cache, opts=opts, backend=backend, raft=raft, res=res, rt=rt, bar=bar
             ):
                 committed[track.track_id] = meta
         lap("frames_flow")
@@ -378,12 +401,20 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> dict:
         lap("plan")
 
         # Stage 3: shards
-        infos = _write_shards(plan, out, work, cache, cfg, rt, res["cpus"])
+        infos = _write_shards(plan, out=out, work=work, cache=cache, cfg=cfg, rt=rt, res=res)
         lap("shards")
     lap("ray_stop")
 
     summary = write_outputs(
-        out, cfg, disc, plan, committed, infos, backend, weights_path, flow_size
+        out,
+        cfg,
+        disc=disc,
+        plan=plan,
+        committed=committed,
+        infos=infos,
+        backend=backend,
+        weights_path=weights_path,
+        flow_size=flow_size,
     )
     lap("index_manifest")
     wall = time.perf_counter() - t0
@@ -424,7 +455,7 @@ class _Laps:
 
 
 def _write_shards(
-    plan: Plan, out: Path, work: Path, cache: Path, cfg, rt, cpus
+    plan: Plan, *, out: Path, work: Path, cache: Path, cfg: BuildConfig, rt: Runtime, res: Resources
 ) -> dict[tuple[str, int], dict]:
     """Write the shards not yet committed; a shard's jobs are built only when it is submitted."""
     infos: dict[tuple[str, int], dict] = {}
@@ -435,12 +466,14 @@ def _write_shards(
             todo.append((split, n))
         else:
             infos[(split, n)] = info
-    limit = _in_flight(cpus, rt.workers)
+    limit = _in_flight(res.cpus, rt.workers)
 
     def submit(item):
         split, n = item
-        jobs = shard_jobs(plan, split, n, cache, cfg.keep_mask, bool(cfg.keep_flow))
-        return _shard_task.remote(str(out), str(work), split, n, jobs)
+        jobs = shard_jobs(
+            plan, split, n, cache, keep_mask=cfg.keep_mask, keep_flow=bool(cfg.keep_flow)
+        )
+        return _shard_task.remote(out=str(out), work=str(work), split=split, n=n, jobs=jobs)
 
     total = len(plan.shard_ids)
     with tqdm(total=total, initial=len(infos), unit="shard", desc="shards",

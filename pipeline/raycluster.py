@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
@@ -10,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -24,6 +26,16 @@ TOKEN_HELP = (
     "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, or in a file named by "
     "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token"
 )
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a build can use of the Ray it runs on."""
+
+    cpus: float
+    gpus: float
+    nodes: int  # alive nodes that can run work
+    cluster: bool  # an existing cluster was joined: tasks run in other working folders
 
 
 @contextlib.contextmanager
@@ -43,11 +55,12 @@ def ray_session(address: str | None = None, workers: int | None = None) -> Itera
     A Ray that is already initialised in this process is used as it is and left running.
 
     Yields ``{"cpus", "gpus", "nodes", "cluster"}``: the cluster's resources, its alive nodes
-    that can run work, and whether an existing cluster was joined.
+    that can run work, and whether an existing cluster was joined; a plain dict (it prints as
+    JSON) of the fields of :class:`Resources` (``Resources(**res)``).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        yield _resources(cluster=not _started_here())
+        yield dataclasses.asdict(_resources(cluster=not _started_here()))
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
@@ -66,7 +79,7 @@ def ray_session(address: str | None = None, workers: int | None = None) -> Itera
             )
         cluster = False
     try:
-        yield _resources(cluster=cluster)
+        yield dataclasses.asdict(_resources(cluster=cluster))
     finally:
         ray.shutdown()
 
@@ -155,14 +168,14 @@ def work_nodes() -> list[dict]:
     ]
 
 
-def _resources(cluster: bool) -> dict:
+def _resources(cluster: bool) -> Resources:
     res = ray.cluster_resources()
-    return {
-        "cpus": float(res.get("CPU", 1.0)),
-        "gpus": float(res.get("GPU", 0.0)),
-        "nodes": len(work_nodes()),
-        "cluster": cluster,
-    }
+    return Resources(
+        cpus=float(res.get("CPU", 1.0)),
+        gpus=float(res.get("GPU", 0.0)),
+        nodes=len(work_nodes()),
+        cluster=cluster,
+    )
 
 
 # ------------------------------------------------------------------ shared folders
