@@ -20,8 +20,8 @@ from pipeline.config import BuildError
 
 PROBE_BYTES = 64  # what a node reads of each file it is asked to check
 CHECK_TIMEOUT_S = 120.0  # how long a node may take to answer the shared-folder check
-CONNECT_TIMEOUT_S = 10.0
-NODE_DEATH_S = 45.0  # how long a node whose check task failed may take to be declared dead  # a cluster address that does not answer a TCP connection in this time
+CONNECT_TIMEOUT_S = 10.0  # a cluster address that does not answer a TCP connection in this time
+NODE_DEATH_S = 45.0  # how long a node whose check task failed may take to be declared dead
 TOKEN_HELP = (
     "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, or in a file named by "
     "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token"
@@ -43,10 +43,10 @@ def ray_session(address: str | None = None, workers: int | None = None) -> Itera
     """Join ``address`` (or $RAY_ADDRESS), else start a private local Ray instance.
 
     The local instance (``address="local"``) never attaches to another Ray found on the machine
-    (a stale ``ray_current_cluster`` file in Ray's temp folder included), listens on 127.0.0.1 only, and gets
-    ``workers`` CPUs, or what Ray itself detects (it respects a container's CPU quota). No
-    dashboard, no usage stats, and workers at normal priority: Ray's default (niceness 15) lets
-    its own agents and the driver preempt the workers on a small machine.
+    (a stale ``ray_current_cluster`` file in Ray's temp folder included), listens on 127.0.0.1
+    only, and gets ``workers`` CPUs, or what Ray itself detects (it respects a container's CPU
+    quota). No dashboard, no usage stats, and workers at normal priority: Ray's default
+    (niceness 15) lets its own agents and the driver preempt the workers on a small machine.
 
     A cluster is joined with the token authentication Ray reads from the environment
     (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
