@@ -391,7 +391,13 @@ def run(args: argparse.Namespace) -> int:
     import_diffusers()
     loaded = load(args.run, args.ckpt, ema=not args.no_ema)
     try:
-        info = export(loaded, folder, not args.no_ema, not args.no_check, not args.no_progress)
+        info = export(
+            loaded,
+            folder,
+            ema=not args.no_ema,
+            check=not args.no_check,
+            progress=not args.no_progress,
+        )
     except folder_lock.FolderBusy as exc:
         raise RunError(str(exc)) from None
     except RuntimeError as exc:

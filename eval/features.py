@@ -174,7 +174,9 @@ def offline_extractor(seed: int = OFFLINE_SEED) -> Extractor:
     """The deterministic offline extractor (always float32 on the CPU)."""
     net = OfflineNet(seed)
     version = OFFLINE_VERSION if seed == OFFLINE_SEED else f"{OFFLINE_VERSION}-seed{seed}"
-    return Extractor("offline", version, net, torch.device("cpu"), net.dim)
+    return Extractor(
+        name="offline", version=version, model=net, device=torch.device("cpu"), dim=net.dim
+    )
 
 
 def inception_candidates(weights: str | os.PathLike | None = None) -> list[Path]:
@@ -242,7 +244,7 @@ def inception_extractor(weights: str | os.PathLike | None = None, device: str = 
     model = model.to(dev).eval()
     _check_inception(file, model, dev)
     version = f"{INCEPTION_FILE}:{file.stat().st_size}:clean-fid-{_cleanfid_version()}"
-    return Extractor("inception", version, model, dev, 2048)
+    return Extractor(name="inception", version=version, model=model, device=dev, dim=2048)
 
 
 _NOT_INCEPTION = (

@@ -212,7 +212,11 @@ def run(args: argparse.Namespace) -> int:
     folders = _named(args.samples)
     samples = {name: load_folder(folder) for name, folder in folders.items()}
     result = compare(
-        samples, args.shards, args.extractor, args.inception_weights, args.heldout_split
+        samples,
+        args.shards,
+        extractor=args.extractor,
+        inception_weights=args.inception_weights,
+        heldout_split=args.heldout_split,
     )
     result["folders"] = {name: str(f) for name, f in folders.items()}
     print(table(result))

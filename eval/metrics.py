@@ -171,7 +171,9 @@ def cache_key(split_entry: dict, split: str, n_ref: int, extractor: str, version
 
 def cache_path(split_entry: dict, split: str, n_ref: int, extractor: Extractor) -> Path:
     """The ``.npz`` file that holds (or will hold) these reference features."""
-    key = cache_key(split_entry, split, n_ref, extractor.name, extractor.version)
+    key = cache_key(
+        split_entry, split, n_ref=n_ref, extractor=extractor.name, version=extractor.version
+    )
     return cache_dir() / f"{split}-{n_ref}-{extractor.name}-{key[:16]}.npz"
 
 
@@ -235,7 +237,7 @@ def reference_features(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Reference features from the cache or the shards; ``(features, cache info)``."""
     entry = build.manifest["splits"][split]
-    key = cache_key(entry, split, n_ref, extractor.name, extractor.version)
+    key = cache_key(entry, split, n_ref=n_ref, extractor=extractor.name, version=extractor.version)
     path = cache_path(entry, split, n_ref, extractor)
     feats = load_cached(path, key, extractor.dim)
     if feats is not None:
@@ -320,7 +322,7 @@ def evaluate(
         ext = get_extractor(extractor, inception_weights, device)
         feats = extract(files, ext, batch, total=len(files), desc="samples")
         used = min(n_ref, build.count(split))
-        ref, cache = reference_features(build, split, used, ext, batch)
+        ref, cache = reference_features(build, split, n_ref=used, extractor=ext, batch=batch)
     except FeatureError as exc:
         raise MetricsError(str(exc)) from None
     return {

@@ -134,7 +134,8 @@ def load_run(path: Path) -> Run:
             notes.append(f"{METRICS_NAME} is empty")
     else:
         notes.append(f"no {METRICS_NAME}")
-    return Run(path, config, records, _read_evals(path, notes), notes)
+    evals = _read_evals(path, notes)
+    return Run(path=path, config=config, records=records, evals=evals, notes=notes)
 
 
 def _read_evals(path: Path, notes: list[str]) -> list[dict[str, Any]]:

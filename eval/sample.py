@@ -152,9 +152,19 @@ def sample(
     parts = [np.zeros((0, size, size, 3), np.uint8)]
     for start in range(0, len(indices), batch):
         chunk = list(indices[start : start + batch])
-        parts.append(
-            _sample_batch(model, sched, chunk, seed, timesteps, eta, batch, device, dtype, clip)
+        images = _sample_batch(
+            model,
+            sched,
+            chunk,
+            seed=seed,
+            timesteps=timesteps,
+            eta=eta,
+            width=batch,
+            device=device,
+            dtype=dtype,
+            clip=clip,
         )
+        parts.append(images)
     return np.concatenate(parts)
 
 
@@ -370,11 +380,11 @@ def _fill(folder: Path, record: dict[str, Any], loaded, args, world: distributed
             loaded.model,
             sched,
             chunk,
-            args.seed,
-            args.steps,
-            args.eta,
-            args.batch,
-            world.device,
+            seed=args.seed,
+            steps=args.steps,
+            eta=args.eta,
+            batch=args.batch,
+            device=world.device,
             clip=args.clip_x0,
         )
         for index, image in zip(chunk, images, strict=True):

@@ -108,15 +108,15 @@ def expand(study: Study, out: Path) -> list[Cell]:
     """The (cell, seed) runs, seed by seed, so a study stopped early has every cell's first seed."""
     return [
         Cell(
-            name=c["name"],
+            name=entry["name"],
             seed=seed,
-            method=c["method"],
-            options={**study.train, **{k: v for k, v in c.items() if k not in CELL_KEYS}},
-            run=out / RUNS_DIR / f"{c['name']}-s{seed}",
-            images=c.get("images", study.images),
+            method=entry["method"],
+            options={**study.train, **{k: v for k, v in entry.items() if k not in CELL_KEYS}},
+            run=out / RUNS_DIR / f"{entry['name']}-s{seed}",
+            images=entry.get("images", study.images),
         )
         for seed in study.seeds
-        for c in study.grid
+        for entry in study.grid
     ]
 
 
@@ -379,7 +379,7 @@ def run_cell(
         lock = cell.run / CELL_LOCK
         lock.mkdir(parents=True, exist_ok=True)
         with folder_lock.hold(lock, "study cell"):
-            return _run_cell(cell, study, progress, device, say)
+            return _run_cell(cell, study, progress=progress, device=device, say=say)
     except folder_lock.FolderBusy as exc:
         return f"busy: {exc}", 0.0
 
@@ -447,7 +447,14 @@ def run_study(
         raise StudyError(f"--out {out}: cannot make the study folder ({exc})") from None
     with stop_on_signals():
         try:
-            return _run_study(study_file, out, jobs, devices or [], progress, report)
+            return _run_study(
+                study_file,
+                out,
+                jobs=jobs,
+                devices=devices or [],
+                progress=progress,
+                report=report,
+            )
         except Stopped as stop:
             name = signal.Signals(stop.signum).name
             print(f"study: stopped by {name}, the running cells' processes with it; the same "
@@ -482,7 +489,9 @@ def _run_study(
         with lock:
             device = free.pop(0) if free else None
         try:
-            status, spent = run_cell(cell, study, progress and jobs == 1, device, say)
+            status, spent = run_cell(
+                cell, study, progress=progress and jobs == 1, device=device, say=say
+            )
         finally:
             if device:
                 with lock:

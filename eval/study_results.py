@@ -259,20 +259,20 @@ def speed_section(questions: dict, by_cell) -> Section:
         if not ref_name:
             continue
         ref = by_cell.get(ref_name, [])
-        if not ref or not any(val_points(r) for r in ref):
+        if not ref or not any(val_points(run) for run in ref):
             lines += [f"*Cannot tell against the {role}: `{ref_name}` has no validation points.*"]
             lines += [""]
             continue
         targets = levels(ref)
-        level_values[ref_name] = [{"label": n, "value": v} for n, _, v in targets]
-        others = [n for n in by_cell if n != ref_name and by_cell[n]]
+        level_values[ref_name] = [{"label": label, "value": value} for label, _, value in targets]
+        others = [name for name in by_cell if name != ref_name and by_cell[name]]
         for axis in axes:
             header = ["cell", *[f"{name}: {value:.4f}" for name, _, value in targets]]
             rows = []
             for name in others:
                 row = []
                 for _, index, value in targets:
-                    found = speedup(ref, index, by_cell[name], value, axis)
+                    found = speedup(ref, index, other=by_cell[name], level=value, axis=axis)
                     per = speedups.setdefault(ref_name, {}).setdefault(name, {})
                     per.setdefault(axis, []).append(found)
                     row.append(fmt_speedup(found, axis))

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             seen.add(step)
             try:
-                evaluate_step(run_dir, step, shards, splits, args)
+                evaluate_step(run_dir, step, shards=shards, splits=splits, args=args)
                 evaluated += 1
             except RunError as exc:  # pruned by the trainer meanwhile, or damaged
                 failed += 1
@@ -212,7 +212,7 @@ def evaluate_step(run: Path, step: int, shards: str, splits: list[str], args) ->
         records.append(record)
         print(f"step {step} {split}: {result['metric_name']} {result['fid']:.3f}",
               file=sys.stderr)  # fmt: skip
-    _tensorboard(run, step, records, folder if first else None, args)
+    _tensorboard(run, step, records=records, samples=folder if first else None, args=args)
     return written
 
 
