@@ -16,7 +16,7 @@ from pipeline.config import BuildConfig
 from pipeline.plan import Plan
 from pipeline.sources import Discovery
 from shards_spec.format import INDEX_NAME, INDEX_SCHEMA, SKIPPED_NAME, SKIPPED_SCHEMA, SPEC_VERSION
-from shards_spec.writer import _parquet_bytes, atomic_write_bytes, write_manifest
+from shards_spec.writer import atomic_write_bytes, parquet_bytes, write_manifest
 
 CHUNK = 1 << 16  # index and skip rows built this many at a time
 
@@ -81,7 +81,7 @@ def _lists(values: np.ndarray, type_: pa.DataType) -> pa.Array:
 
 
 def write_index_table(path: Path, table: pa.Table) -> None:
-    atomic_write_bytes(path, _parquet_bytes(table))
+    atomic_write_bytes(path, parquet_bytes(table))
 
 
 class _Rows:
@@ -150,7 +150,7 @@ def write_outputs(
     """Index, skip record, manifest (last). Returns the summary counts."""
     write_index_table(out / INDEX_NAME, index_table(plan, infos))
     skipped, n_excluded = skipped_table(disc, plan, committed)
-    atomic_write_bytes(out / SKIPPED_NAME, _parquet_bytes(skipped))
+    atomic_write_bytes(out / SKIPPED_NAME, parquet_bytes(skipped))
     by_reason = Counter(
         {v["values"]: v["counts"] for v in pc.value_counts(skipped.column("reason")).to_pylist()}
     )

@@ -36,8 +36,8 @@ from shards_spec.format import (
 )
 from shards_spec.reader import open_build, pair_values
 from shards_spec.writer import (
-    _parquet_bytes,
     atomic_write_bytes,
+    parquet_bytes,
     write_manifest,
     write_shard,
 )
@@ -282,7 +282,7 @@ def subset_build(
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
         raise SpecError(f"index rows do not fit the schema: {exc}") from exc
     del chosen, columns, new_shard, new_position
-    atomic_write_bytes(out_path / INDEX_NAME, _parquet_bytes(new))
+    atomic_write_bytes(out_path / INDEX_NAME, parquet_bytes(new))
 
     manifest = copy.deepcopy(source.manifest)
     manifest["splits"] = splits

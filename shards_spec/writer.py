@@ -6,9 +6,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -17,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_output, atomic_write_bytes
 from .format import (
     EXT_RE,
     INDEX_SCHEMA,
@@ -33,47 +32,6 @@ TAR_USER = "framebridge"
 TAR_GROUP = "framebridge"
 TAR_MODE = 0o444
 PNG_COMPRESSION = 3
-
-
-def _temp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temp name beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def dumps_json(obj: Any) -> str:
@@ -150,12 +108,9 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> dict:
     """
     import webdataset as wds  # imported here: it pulls in torch, which index/manifest writers skip
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(target)
     count = 0
     seen: set[str] = set()
-    try:
+    with atomic_output(path) as tmp:
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(
                 stream,
@@ -174,18 +129,13 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> dict:
                     seen.add(prepared["__key__"])
                     writer.write(prepared)
                     count += 1
-            stream.flush()
-            os.fsync(stream.fileno())
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
-        _commit(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return {"path": str(path), "sha256": digest, "bytes": size, "samples": count}
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the format's Parquet bytes (zstd, with statistics)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", write_statistics=True)
     return buf.getvalue()
@@ -206,12 +156,12 @@ def _table(rows: list[dict], schema: pa.Schema, what: str) -> pa.Table:
 
 def write_index(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write ``index.parquet`` (INDEX_SCHEMA, rows in the order given) atomically."""
-    atomic_write_bytes(path, _parquet_bytes(_table(rows, INDEX_SCHEMA, "index")))
+    atomic_write_bytes(path, parquet_bytes(_table(rows, INDEX_SCHEMA, "index")))
 
 
 def write_skipped(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write ``skipped.parquet`` (SKIPPED_SCHEMA, rows in the order given) atomically."""
-    atomic_write_bytes(path, _parquet_bytes(_table(rows, SKIPPED_SCHEMA, "skipped")))
+    atomic_write_bytes(path, parquet_bytes(_table(rows, SKIPPED_SCHEMA, "skipped")))
 
 
 def check_manifest(manifest: dict) -> None:
