@@ -3,10 +3,11 @@ formatting of values shared with its tables; `figure`, `draw` and `save_png` are
 helpers that `eval/study_results.py` draws the study's figures with too.
 
 Curves are the mean over seeds of the points measured at the same step, with a shaded min-max
-band where several seeds have that step; nothing is interpolated or smoothed. Every function
-takes the report's variants (objects with ``label``, ``color`` and ``runs``; a run has
-``path``, ``seed``, ``x(record, axis)``, ``kind(kind)`` and ``fid_points(extractor, split)``)
-and returns False (or None) when it has nothing to draw, in which case no file is written.
+band where several seeds have that step; nothing is interpolated or smoothed. The figure
+functions (the ``*_plot`` ones, and `draw` for one panel) take the report's variants (objects
+with ``label``, ``color`` and ``runs``; a run has ``path``, ``seed``, ``x(record, axis)``,
+``kind(kind)`` and ``fid_points(extractor, split)``) and return False when they have nothing to
+draw, in which case no file is written; `sample_grid` (of one variant) returns None then.
 """
 
 from __future__ import annotations
