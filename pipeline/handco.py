@@ -174,7 +174,8 @@ def discover_handco(
             excluded.extend(excl)
     if max_clips is not None and len(tracks) > max_clips:
         for t in tracks[max_clips:]:
-            excluded.append(Excluded(t.track_id, t.dir, t.names, t.ids, MAX_CLIPS))
+            excluded.append(Excluded(clip_id=t.track_id, dir=t.dir, names=t.names, ids=t.ids,
+                                     reason=MAX_CLIPS))  # fmt: skip
         tracks = tracks[:max_clips]
     if not tracks:
         n_out = sum(len(e) for e in excluded)
@@ -195,7 +196,7 @@ def discover_handco(
         st = meta.path.stat()
         meta_stat = f"meta.json {st.st_size} {st.st_mtime_ns}"
     fp = discovery_fingerprint(str(root), tracks, [meta_stat, f"excluded {len(excluded)}"])
-    return Discovery(tracks, excluded, fp, str(root), notes)
+    return Discovery(tracks=tracks, excluded=excluded, fingerprint=fp, root=str(root), notes=notes)
 
 
 def _camera_tracks(
@@ -224,8 +225,9 @@ def _camera_tracks(
     def exclude(reason: str, fids: list[int], names: list[str] | None = None, where=d):
         if fids:
             names = names if names is not None else [files.by_id[f] for f in fids]
-            excluded.append(Excluded(f"{prefix}-{fids[0]:08d}", where, tuple(names),
-                                     tuple(fids), reason))  # fmt: skip
+            excluded.append(Excluded(clip_id=f"{prefix}-{fids[0]:08d}", dir=where,
+                                     names=tuple(names), ids=tuple(fids),
+                                     reason=reason))  # fmt: skip
 
     excluded.extend(files.excluded(prefix, d))
     all_ids = sorted(set(files.by_id) | set(files.duplicates))

@@ -266,6 +266,25 @@ def make_plan(
         "shards": sum(-(-len(v) // shard_size) for v in order.values()),
     }
     stats = {s: flow_stats(v) for s, v in pair_values.items()}
-    return Plan(tracks, metas, k, shard_size, frame_base, pair_base, frame_ids, msq_all, weight,
-                wt, wf, wc, wp, is_val, order, sigma, stats, counts, short,
-                dropped_frames)  # fmt: skip
+    return Plan(
+        tracks=tracks,
+        metas=metas,
+        window=k,
+        shard_size=shard_size,
+        frame_base=frame_base,
+        pair_base=pair_base,
+        frame_ids=frame_ids,
+        msq=msq_all,
+        weight=weight,
+        w_track=wt,
+        w_frame=wf,
+        w_clip=wc,
+        w_pair=wp,
+        is_val=is_val,
+        order=order,
+        sigma=sigma,
+        flow_stats=stats,
+        counts=counts,
+        short_clips=short,
+        dropped_frames=dropped_frames,
+    )

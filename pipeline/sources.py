@@ -197,11 +197,12 @@ class Numbered:
         out = []
         if self.unnumbered:
             n = len(self.unnumbered)
-            out.append(Excluded(f"{prefix}-unnumbered", folder, tuple(self.unnumbered),
-                                (-1,) * n, NO_FRAME_NUMBER))  # fmt: skip
+            out.append(Excluded(clip_id=f"{prefix}-unnumbered", dir=folder,
+                                names=tuple(self.unnumbered), ids=(-1,) * n,
+                                reason=NO_FRAME_NUMBER))  # fmt: skip
         for fid, names in sorted(self.duplicates.items()):
-            out.append(Excluded(f"{prefix}-{fid:08d}", folder, tuple(names), (fid,) * len(names),
-                                DUPLICATE_FRAME_ID))  # fmt: skip
+            out.append(Excluded(clip_id=f"{prefix}-{fid:08d}", dir=folder, names=tuple(names),
+                                ids=(fid,) * len(names), reason=DUPLICATE_FRAME_ID))  # fmt: skip
         return out
 
 

@@ -103,7 +103,9 @@ def discover_video(
             f"under {root}"
         )
     fp = discovery_fingerprint(str(root), tracks, [f"excluded {sum(map(len, excluded))}"])
-    return Discovery(tracks, excluded, fp, str(root), found.notes)
+    return Discovery(
+        tracks=tracks, excluded=excluded, fingerprint=fp, root=str(root), notes=found.notes
+    )
 
 
 def _add_video_file(
@@ -122,8 +124,8 @@ def _add_video_file(
 
     opened, n, side = video_header(str(entry))
     if not opened:
-        found.excluded.append(Excluded(f"{name}-00000000", str(base), (rel,), (-1,),
-                                       "unreadable_video"))  # fmt: skip
+        found.excluded.append(Excluded(clip_id=f"{name}-00000000", dir=str(base), names=(rel,),
+                                       ids=(-1,), reason="unreadable_video"))  # fmt: skip
         found.notes.append(f"cannot open video {entry}: recorded as unreadable_video")
         return
     mvideo = _matching(mroot, base, entry, video=True)
@@ -172,17 +174,17 @@ def _add_frame_folder(
     if masks is not None:
         bad = [f for f in ids if f in masks.duplicates]
         for run in consecutive_runs(bad):
-            found.excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
-                                           tuple(files.by_id[f] for f in run), tuple(run),
-                                           DUPLICATE_MASK_ID))  # fmt: skip
+            found.excluded.append(Excluded(clip_id=f"{name}-{run[0]:08d}", dir=d,
+                                           names=tuple(files.by_id[f] for f in run),
+                                           ids=tuple(run), reason=DUPLICATE_MASK_ID))  # fmt: skip
         ids = [f for f in ids if f not in masks.duplicates]
     for run in consecutive_runs(ids):
         kept = run[::frame_stride]
         strided = [f for i, f in enumerate(run) if i % frame_stride]
         if strided:
-            found.excluded.append(Excluded(f"{name}-{run[0]:08d}", d,
-                                           tuple(files.by_id[f] for f in strided), tuple(strided),
-                                           FRAME_STRIDE))  # fmt: skip
+            found.excluded.append(Excluded(clip_id=f"{name}-{run[0]:08d}", dir=d,
+                                           names=tuple(files.by_id[f] for f in strided),
+                                           ids=tuple(strided), reason=FRAME_STRIDE))  # fmt: skip
         names = tuple(files.by_id[f] for f in kept)
         mask_names = tuple(masks.by_id.get(f) for f in kept) if masks is not None else ()
         found.tracks.append(
@@ -227,10 +229,9 @@ def _check_masks(found: _Listing, mroot: Path | None, *, n_inputs: int, keep_mas
 
 def _whole_track(t: Track, reason: str) -> Excluded:
     if t.kind == "video":
-        return Excluded(
-            t.track_id, os.path.dirname(t.dir), (os.path.basename(t.dir),), (-1,), reason
-        )
-    return Excluded(t.track_id, t.dir, t.names, t.ids, reason)
+        return Excluded(clip_id=t.track_id, dir=os.path.dirname(t.dir),
+                        names=(os.path.basename(t.dir),), ids=(-1,), reason=reason)  # fmt: skip
+    return Excluded(clip_id=t.track_id, dir=t.dir, names=t.names, ids=t.ids, reason=reason)
 
 
 def _size(path: str) -> int:
