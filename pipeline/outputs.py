@@ -15,7 +15,18 @@ from pipeline import flow as fl
 from pipeline.config import BuildConfig
 from pipeline.plan import Plan
 from pipeline.sources import Discovery
-from shards_spec.format import INDEX_NAME, INDEX_SCHEMA, SKIPPED_NAME, SKIPPED_SCHEMA, SPEC_VERSION
+from shards_spec.format import (
+    FLOW_MEMBER,
+    INDEX_NAME,
+    INDEX_SCHEMA,
+    JSON_MEMBER,
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    SKIPPED_SCHEMA,
+    SPEC_VERSION,
+    frame_members,
+    mask_members,
+)
 from shards_spec.writer import atomic_write_bytes, parquet_bytes, write_manifest
 
 CHUNK = 1 << 16  # index and skip rows built this many at a time
@@ -157,12 +168,12 @@ def write_outputs(
     n_skipped = skipped.num_rows
     del skipped
 
-    members = [f"f{k}.png" for k in range(cfg.window)]
+    members = frame_members(cfg.window)
     if cfg.keep_mask and any(m.get("has_masks") for m in committed.values()):
-        members += [f"mask{k}.png" for k in range(cfg.window)]
+        members += mask_members(cfg.window)
     if cfg.keep_flow:
-        members.append("flow.npy")
-    members.append("json")
+        members.append(FLOW_MEMBER)
+    members.append(JSON_MEMBER)
     counts = {
         **plan.counts,
         "frames_input": sum(m["n_input"] for m in committed.values()) + n_excluded,
@@ -196,7 +207,7 @@ def write_outputs(
         },
         "counts": {**counts, **{f"skipped_{k}": v for k, v in sorted(by_reason.items())}},
     }
-    write_manifest(out / "dataset.json", manifest)
+    write_manifest(out / MANIFEST_NAME, manifest)
     return {
         **counts,
         "splits": {s: v["samples"] for s, v in splits.items()},
