@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from shards_spec.atomic import atomic_write_bytes
 
 __all__ = ["generate", "add_arguments", "run", "META_KEYS"]
 
@@ -604,13 +605,6 @@ def _draw_object(cv: _Canvas, plan: _Sequence, pose: _HandPose, proj: _Projector
 # Files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def _jpeg(img: np.ndarray, quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
@@ -728,7 +722,7 @@ def generate(
         else:
             raise ValueError(f"synth: {root} is not empty and holds no synthetic dataset")
     root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(marker, params_text.encode())
+    atomic_write_bytes(marker, params_text.encode())
 
     subjects: dict[int, _Subject] = {}
     cams = [_camera(seed, c, cameras, size) for c in range(cameras)]
@@ -752,9 +746,9 @@ def generate(
                     images = (np.ascontiguousarray(rgb[..., ::-1]), fg, hand)
                     for path, img in zip(paths, images, strict=True):
                         if not path.is_file():
-                            _write_atomic(path, _jpeg(img, quality))
+                            atomic_write_bytes(path, _jpeg(img, quality))
                     bar.update(1)
-    _write_atomic(meta_path, meta_text.encode())
+    atomic_write_bytes(meta_path, meta_text.encode())
     marker.unlink(missing_ok=True)
     return summary
 
