@@ -626,7 +626,7 @@ def _meta(plans: list[_Sequence], frames: int) -> dict:
 
 
 def _validate(
-    sequences: int, cameras: int, frames: int, size: int, seed: int, quality: int
+    *, sequences: int, cameras: int, frames: int, size: int, seed: int, quality: int
 ) -> None:
     for name, value in (("sequences", sequences), ("cameras", cameras), ("frames", frames)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -644,7 +644,7 @@ def _paths(root: Path, seq: int, cam: int, frame: int) -> tuple[Path, Path, Path
     return root / "rgb" / rel, root / "mask_fg" / rel, root / "mask_hand" / rel
 
 
-def _complete(root: Path, sequences: int, cameras: int, frames: int, size: int) -> bool:
+def _complete(root: Path, *, sequences: int, cameras: int, frames: int, size: int) -> bool:
     for seq in range(sequences):
         for cam in range(cameras):
             for frame in range(frames):
@@ -677,7 +677,9 @@ def generate(
     after an interruption completes the missing files; a finished dataset returns at once. A
     folder that holds other data (or a dataset made with other arguments) is refused.
     """
-    _validate(sequences, cameras, frames, size, seed, quality)
+    _validate(
+        sequences=sequences, cameras=cameras, frames=frames, size=size, seed=seed, quality=quality
+    )
     root = Path(out)
     plans = [_sequence_plan(seed, s, sequences, frames) for s in range(sequences)]
     meta_text = json.dumps(_meta(plans, frames), sort_keys=True)
@@ -717,7 +719,7 @@ def generate(
                 raise ValueError(
                     f"synth: {root} already holds a different dataset; use another --out"
                 )
-            if _complete(root, sequences, cameras, frames, size):
+            if _complete(root, sequences=sequences, cameras=cameras, frames=frames, size=size):
                 return summary
         else:
             raise ValueError(f"synth: {root} is not empty and holds no synthetic dataset")
