@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
+from shards_spec.atomic import atomic_write_bytes
 from shards_spec.reader import decode_sample, open_build, pair_values
-from shards_spec.writer import atomic_write_bytes, encode_png
+from shards_spec.writer import encode_png
 
 TILE_MIN = 128  # frames smaller than this are enlarged (nearest) so the labels stay readable
 BAND = 20  # height of the text bands above and below each row

@@ -15,6 +15,7 @@ from pipeline import flow as fl
 from pipeline.config import BuildConfig
 from pipeline.plan import Plan
 from pipeline.sources import Discovery
+from shards_spec.atomic import atomic_write_bytes
 from shards_spec.format import (
     FLOW_MEMBER,
     INDEX_NAME,
@@ -27,7 +28,7 @@ from shards_spec.format import (
     frame_members,
     mask_members,
 )
-from shards_spec.writer import atomic_write_bytes, parquet_bytes, write_manifest
+from shards_spec.writer import parquet_bytes, write_manifest
 
 CHUNK = 1 << 16  # index and skip rows built this many at a time
 

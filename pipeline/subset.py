@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shards_spec.atomic import atomic_write_bytes
 from shards_spec.format import (
     INDEX_NAME,
     INDEX_SCHEMA,
@@ -35,12 +36,7 @@ from shards_spec.format import (
     shard_path,
 )
 from shards_spec.reader import open_build, pair_values
-from shards_spec.writer import (
-    atomic_write_bytes,
-    parquet_bytes,
-    write_manifest,
-    write_shard,
-)
+from shards_spec.writer import parquet_bytes, write_manifest, write_shard
 
 
 class WhereError(ValueError):

@@ -27,7 +27,8 @@ import numpy as np
 from pipeline import frames as fr
 from pipeline.flow import downsample_flow, flow_msq
 from pipeline.sources import FRAME_STRIDE, Track, numbered_images
-from shards_spec.writer import atomic_write_bytes, atomic_write_json, encode_png
+from shards_spec.atomic import atomic_write_bytes
+from shards_spec.writer import atomic_write_json, encode_png
 
 META = "meta.json"  # written last: the commit marker
 FRAMES_FILE = "frames.bin"  # the PNG bytes of the kept frames, back to back
