@@ -244,7 +244,9 @@ def subset_build(
     if split is not None and split not in source.splits:
         raise ValueError(f"--split {split!r} is not in the build (has {', '.join(source.splits)})")
     names = ["split", *sorted({c.column for c in (parse_where(where) if where else [])})]
-    picked = select_rows(source.index(list(dict.fromkeys(names))), split, where, n, seed)
+    picked = select_rows(
+        source.index(list(dict.fromkeys(names))), split=split, where=where, n=n, seed=seed
+    )
     if not picked:
         raise ValueError("no samples match; nothing to write")
     n_source = pq.ParquetFile(source.path / INDEX_NAME).metadata.num_rows
