@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from shards_spec import SpecError
+from shards_spec.cli import add_debug_flag, run_command
 from train.folder_lock import FolderBusy
 
 from . import generation, metrics, report, sample, study, watch
@@ -15,6 +16,7 @@ from .runs import RunError
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m eval`` parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     smp = sub.add_parser("sample", help="DDIM samples of a run's checkpoint as numbered PNGs")
     sample.add_arguments(smp)
@@ -50,13 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; one-line ``error: ...`` on stderr and exit 2 for bad input."""
+    """Run a subcommand, ended as every command ends (`shards_spec.cli`: one-line ``error:
+    ...`` on stderr and exit 2 for bad input; ``--debug`` for the traceback)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (RunError, metrics.MetricsError, SpecError, FolderBusy) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(
+        lambda: args.func(args),
+        errors=(RunError, metrics.MetricsError, SpecError, FolderBusy),
+        debug=args.debug,
+    )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """Checkpoints: atomic saves, the last few plus the best kept, loaded without unpickling.
 
 A checkpoint is ``OUT/ckpt-{step:08d}.pt``, a dict of tensors and plain values that
-``torch.load(weights_only=True)`` reads: model, EMA, optimizer, scaler, step, epoch, RNG
-states, the loader position and the configuration. ``OUT/best.json`` names the step with the
-lowest validation loss; that checkpoint is never pruned.
+``torch.load(weights_only=True)`` reads: model, EMA, optimizer, step, epoch, the epoch's
+bad-window count, the loader position and the configuration. ``OUT/best.json`` names the step
+with the lowest validation loss; that checkpoint is never pruned.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import pickle
 import re
 import sys
@@ -19,41 +17,15 @@ from typing import Any
 
 import torch
 
-from train.options import LEGACY_DEFAULTS
+from shards_spec.atomic import atomic_output, atomic_write_text
+from shards_spec.cli import disk_full
+from train.options import LEGACY_DEFAULTS, RESUMABLE
 
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
-TMP_RE = re.compile(r"^\.(ckpt-\d{8}\.pt|best\.json)\.tmp$")
+# the temporary files of atomic writes (shards_spec.atomic: ".NAME.RANDOM.tmp"; ".NAME.tmp" of
+# older versions) of what the trainer writes in a run folder
+TMP_RE = re.compile(r"^\.(ckpt-\d{8}\.pt|best\.json|config\.json)(\.\w+)?\.tmp$")
 BEST_NAME = "best.json"
-FULL = (errno.ENOSPC, errno.EDQUOT)
-
-# configuration fields a resumed run may change (how long and how it runs, not what it learns)
-MAY_CHANGE = frozenset(
-    {
-        "out",
-        "shards",
-        "shard_url",
-        "epochs",
-        "max_steps",
-        "ckpt_every",
-        "val_every",
-        "diag_every",
-        "keep",
-        "resume",
-        "compile",
-        "recipe",  # a name for defaults; the values it set are checked as themselves
-        "max_bad_fraction",
-        "max_bad_steps",
-        "progress",
-        "tensorboard",  # an output: RUN/tb mirrors metrics.jsonl
-        "device",
-        "dist_timeout",
-        "total_steps",
-        "workers",  # allowed, with a warning: the data order changes
-        "world_size",
-        "verify_shards",
-        "run_id",  # kept on resume; a checkpoint from before it existed has none
-    }
-)
 
 
 class CheckpointError(ValueError):
@@ -78,15 +50,10 @@ def save(out: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     A failed write leaves no temporary file; a full disk raises CheckpointError (one line).
     """
     path = path_for(out, step)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)  # to a file object: the archive's inner name is not the temp's
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
         if disk_full(exc):
             raise CheckpointError(
                 f"disk full writing {path}: free some space and run the same command again to "
@@ -98,21 +65,6 @@ def save(out: Path, step: int, state: dict[str, Any], keep: int) -> Path:
         if old != best:
             path_for(out, old).unlink(missing_ok=True)
     return path
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """Whether `exc` or an error it was raised from is a full disk (or quota).
-
-    torch.save reports a failed write as a RuntimeError ("unexpected pos") raised while
-    handling the OSError.
-    """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in FULL:
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def remove_temporaries(out: Path) -> None:
@@ -133,10 +85,9 @@ def best_step(out: Path) -> int | None:
 
 def mark_best(out: Path, step: int, val_loss: float) -> None:
     """Record `step` as the best checkpoint (atomically)."""
-    file = Path(out) / BEST_NAME
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-    os.replace(tmp, file)
+    atomic_write_text(
+        Path(out) / BEST_NAME, json.dumps({"step": step, "val_loss": val_loss}) + "\n"
+    )
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -196,7 +147,7 @@ def load_latest(out: Path) -> dict[str, Any] | None:
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise CheckpointError naming every field that differs and may not change on resume."""
     saved = {**LEGACY_DEFAULTS, **saved}  # a checkpoint from before a field existed
-    keys = (set(saved) | set(current)) - MAY_CHANGE
+    keys = (set(saved) | set(current)) - RESUMABLE
     diff = sorted(k for k in keys if saved.get(k) != current.get(k))
     if diff:
         parts = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)

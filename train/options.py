@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from shards_spec.cli import add_debug_flag
 from train.diffusion import DEFAULT_PREDICTION, DEFAULT_SCHEDULE, PREDICTIONS, SCHEDULES
 from train.objectives import METHODS
 from train.recipes import RECIPES
@@ -28,53 +29,106 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("cuda", "cpu")
 
 
+# Every value a run records in config.json belongs to some of three classes, stated once here
+# (on each TrainConfig field as metadata, and in RESOLVED for the values a run derives) and read
+# by the lists below:
+#   resumable: a resumed run may give it another value (how long and how it runs, not what it
+#              learns); any other value must match the checkpoint's
+#   variant:   runs that differ in it are different variants in a report (what is learnt and
+#              from which data); seeds, outputs, run length and machinery are not
+#   study:     set by the study runner for every cell; a study file may not set it
+
+
+def _field(default=None, *, resumable: bool = False, variant: bool = True, study: bool = False):
+    meta = {"resumable": resumable, "variant": variant, "study": study}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# how long it runs, where, and what it logs: never a variant, and may change on resume
+_MACHINERY = {"resumable": True, "variant": False}
+
+
 @dataclass
 class TrainConfig:
-    shards: str = "shards"
-    method: str = "flow"
-    out: str = "runs/flow"
-    preset: str = "tiny"
-    batch: int | None = None  # global: windows (window methods) or frames (iid, dispersive)
-    grad_accum: int = 1
-    lam: float = 1.0
-    sigma: float | None = None
-    delta: int = 5
-    sigma_div: float | None = None
-    disp_weight: float = 0.5
-    disp_block: str = "mid"
-    seed: int = 0
-    epochs: int | None = None
-    max_steps: int | None = None
-    lr: float = 1e-4
-    warmup: int = 0
-    clip: float = 1.0
-    ema: float = 0.9995
-    ema_warmup: bool = True
-    schedule: str = DEFAULT_SCHEDULE
-    prediction: str = DEFAULT_PREDICTION
-    precision: str = "auto"
-    recipe: str | None = None
-    ckpt_every: int = 1000
-    keep: int = 3
-    val_every: int = 500
-    val_size: int = 256
-    diag_every: int = 1000
-    probe_size: int = 16
-    image_size: int | None = None
-    workers: int | None = None
-    shard_url: str | None = None
-    verify_shards: bool = False
-    resume: bool = True
-    compile: bool = False
-    max_bad_fraction: float = 0.01
-    max_bad_steps: int = 10
-    progress: bool = True
-    tensorboard: bool = False
-    device: str | None = None
-    dist_timeout: float = 600.0
+    shards: str = _field("shards", **_MACHINERY, study=True)
+    method: str = _field("flow")
+    out: str = _field("runs/flow", **_MACHINERY, study=True)
+    preset: str = _field("tiny")
+    batch: int | None = _field()  # global: windows (window methods) or frames (iid, dispersive)
+    grad_accum: int = _field(1, variant=False)
+    lam: float = _field(1.0)
+    sigma: float | None = _field()
+    delta: int = _field(5)
+    sigma_div: float | None = _field()
+    disp_weight: float = _field(0.5)
+    disp_block: str = _field("mid")
+    seed: int = _field(0, variant=False, study=True)
+    epochs: int | None = _field(**_MACHINERY, study=True)
+    max_steps: int | None = _field(**_MACHINERY, study=True)
+    lr: float = _field(1e-4)
+    warmup: int = _field(0)
+    clip: float = _field(1.0)
+    ema: float = _field(0.9995)
+    ema_warmup: bool = _field(True)
+    schedule: str = _field(DEFAULT_SCHEDULE)
+    prediction: str = _field(DEFAULT_PREDICTION)
+    precision: str = _field("auto")
+    # a name for defaults: the values it set are checked (and make variants) as themselves
+    recipe: str | None = _field(**_MACHINERY)
+    ckpt_every: int = _field(1000, **_MACHINERY, study=True)
+    keep: int = _field(3, **_MACHINERY, study=True)
+    val_every: int = _field(500, **_MACHINERY, study=True)
+    val_size: int = _field(256, variant=False)
+    diag_every: int = _field(1000, **_MACHINERY, study=True)
+    probe_size: int = _field(16, variant=False)
+    image_size: int | None = _field()
+    workers: int | None = _field(**_MACHINERY)  # allowed on resume, with a warning: data order
+    shard_url: str | None = _field(**_MACHINERY)
+    verify_shards: bool = _field(False, **_MACHINERY)
+    resume: bool = _field(True, **_MACHINERY, study=True)
+    compile: bool = _field(False, **_MACHINERY)
+    max_bad_fraction: float = _field(0.01, **_MACHINERY)
+    max_bad_steps: int = _field(10, **_MACHINERY)
+    progress: bool = _field(True, **_MACHINERY, study=True)
+    tensorboard: bool = _field(False, **_MACHINERY)  # an output: RUN/tb mirrors metrics.jsonl
+    device: str | None = _field(**_MACHINERY, study=True)
+    dist_timeout: float = _field(600.0, **_MACHINERY)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_MUST_MATCH = {"resumable": False, "variant": False}  # what the run is, not a variant of it
+_WHAT_IT_LEARNS = {"resumable": False, "variant": True}
+# the values a run derives and records beside its options in config.json (train/setup.py)
+RESOLVED = {
+    "workers": _MACHINERY,  # the loader workers it ran with (the option may be None)
+    "world_size": _MACHINERY,  # allowed on resume, with a warning: the data order changes
+    "total_steps": _MACHINERY,
+    "run_id": _MACHINERY,  # kept on resume; a checkpoint from before it existed has none
+    "build_id": _WHAT_IT_LEARNS,
+    "build_window": _WHAT_IT_LEARNS,
+    "frames": _WHAT_IT_LEARNS,
+    "unet": _MUST_MATCH,  # the preset's layout
+    "steps_per_epoch": _MUST_MATCH,
+    "params": _MUST_MATCH,
+    "macs_per_image": _MUST_MATCH,
+    "macs_per_sample": _MUST_MATCH,
+}
+
+
+def _keys(cls: str, value: bool = True) -> frozenset[str]:
+    """The config.json keys whose class ``cls`` (resumable, variant, study) is ``value``."""
+    fields = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    return frozenset(k for k, meta in {**fields, **RESOLVED}.items() if meta.get(cls) == value)
+
+
+# config.json keys a resumed run may change (train/checkpoint.py compares all others)
+RESUMABLE = _keys("resumable")
+# config.json keys that do not make another variant (eval report groups runs by all others)
+NOT_VARIANT = _keys("variant", False)
+# options the study runner sets for every cell (eval/study.py)
+STUDY_SET = _keys("study")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -278,11 +332,19 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """The command line as a TrainConfig; a ``--recipe``'s values are the defaults under it."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """`parse`, and whether ``--debug`` (tracebacks, not a training option) was given."""
     p = parser()
+    add_debug_flag(p)
     recipe = p.parse_args(argv).recipe
     if recipe is not None:
         p.set_defaults(**RECIPES[recipe].options)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    given = vars(p.parse_args(argv))
+    debug = given.pop("debug")
+    return TrainConfig(**given), debug
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:

@@ -1,0 +1,119 @@
+"""How every command of the project ends: ``pipeline``, ``python -m train``, ``python -m eval``.
+
+One way for all of them (`run_command`):
+
+- bad input (the errors a command names as its own): ``PREFIX error: message`` on one line,
+  exit 2;
+- a job that failed for a reason the user must see (a command's ``failed`` predicate): the
+  same line, exit 1;
+- a full disk: one line saying so (the same command resumes), exit 2;
+- SIGINT, or SIGTERM where a command turns it into `Stopped`: ``PREFIX stopped by SIGINT``,
+  exit 128 + the signal's number;
+- with ``--debug`` (`add_debug_flag`), errors are raised instead, traceback and all.
+
+Anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Stopped(BaseException):
+    """A signal asked the command to stop (raised in the main thread, so every cleanup runs)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises `Stopped` (instead of ending the process on the spot, which leaves child
+    processes behind); the previous handler is restored after. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or an error it was raised from is a full disk (or quota).
+
+    torch.save reports a failed write as a RuntimeError ("unexpected pos") raised while
+    handling the OSError.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _full_disk_error(exc: BaseException) -> OSError:
+    while not (isinstance(exc, OSError) and exc.errno in FULL):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def run_command(
+    body: Callable[[], int | None],
+    *,
+    errors: tuple[type[BaseException], ...],
+    prefix: str = "",
+    failed: Callable[[BaseException], bool] = lambda exc: False,
+    message: Callable[[BaseException], str] = str,
+    debug: bool = False,
+    on_stop: str = "",
+) -> int:
+    """Run a command's `body` and end it the one way described above; its exit code.
+
+    ``message`` turns an error into its line (``str`` by default); ``on_stop`` is added to the
+    line a signal leaves (e.g. that the same command resumes).
+    """
+    try:
+        return int(body() or 0)
+    except Stopped as exc:
+        print(f"{prefix}stopped by {exc}{on_stop}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print(f"{prefix}stopped by SIGINT{on_stop}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, errors) or failed(exc):
+            print(f"{prefix}error: {message(exc)}", file=sys.stderr)
+            return 2 if isinstance(exc, errors) else 1
+        if not disk_full(exc):
+            raise
+        full = _full_disk_error(exc)
+        where = f" writing {full.filename}" if full.filename else ""
+        print(
+            f"{prefix}error: disk full{where}: free some space and run the same command again "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 2
