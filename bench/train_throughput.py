@@ -61,7 +61,15 @@ def train_rate(build: Path, method: str, batch: int, args, work: Path) -> float:
 def loader_rate(build_path: Path, frames: tuple[int, ...], batch: int, n: int, workers=1) -> float:
     """Windows/s delivered by the loader over `n` batches after the first two."""
     build = open_build(build_path)
-    stream = data.stream_for(build, "train", frames, build.image_size, batch, 0, workers=workers)
+    stream = data.stream_for(
+        build,
+        "train",
+        frames=frames,
+        image_size=build.image_size,
+        batch=batch,
+        seed=0,
+        workers=workers,
+    )
     it = data.batches(stream, 0)
     next(it)
     next(it)

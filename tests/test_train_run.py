@@ -116,7 +116,9 @@ def test_resume_reads_only_the_shards_of_the_first_batch(build, monkeypatch):
     from shards_spec import open_build
     from train import data
 
-    stream = data.stream_for(open_build(build), "train", (1,), 16, batch=8, seed=0, workers=2)
+    stream = data.stream_for(
+        open_build(build), "train", frames=(1,), image_size=16, batch=8, seed=0, workers=2
+    )
     start = 3  # epoch 0, step 3: each lane skips 3 x 4 windows
     needed = 0
     for lane in stream.rank_lanes:

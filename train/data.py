@@ -99,9 +99,19 @@ class Segment:
     hi: int  # one past the last position
 
 
+def to_unit(frames: torch.Tensor, device) -> torch.Tensor:
+    """The loader's uint8 frames ``(..., H, W, 3)`` -> float ``(..., 3, H, W)`` in [-1, 1].
+
+    The channel move happens on `device`, in the same copy as the conversion to float.
+    """
+    x = frames.to(device, non_blocking=True).movedim(-1, -3)
+    return x.float().div_(127.5).sub_(1.0).contiguous()
+
+
 def stream_for(
     build: Build,
     split: str,
+    *,
     frames: Sequence[int],
     image_size: int,
     batch: int,

@@ -14,19 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from train.data import to_unit
 from train.diffusion import Schedule
 from train.objectives import Method, Noise, Options, draw_noise, get_method
 
 FIXED_SEED = 20_251_126  # the val and probe noise: the same for every run of a build
-
-
-def to_unit(frames: Tensor, device) -> Tensor:
-    """The loader's uint8 frames ``(..., H, W, 3)`` -> float ``(..., 3, H, W)`` in [-1, 1].
-
-    The channel move happens on `device`, in the same copy as the conversion to float.
-    """
-    x = frames.to(device, non_blocking=True).movedim(-1, -3)
-    return x.float().div_(127.5).sub_(1.0).contiguous()
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """The training loop: setup, loop, evaluate and checkpoint (in the style of nanoGPT's train.py).
 
-Everything the loop needs is prepared in `train.setup`; objectives, loader, model and schedule
-live in their own modules. Noise and dropout are seeded from ``(seed, rank, step)``, so a run
-resumed from a checkpoint takes exactly the steps of an uninterrupted one.
+Everything the loop needs is prepared in `train.setup`. One window's way from a shard to the
+loss: `train.data` streams it (decoded, as uint8, and `to_unit` in [-1, 1]); `train_step`
+below draws its noise and runs the method of `train.objectives`, which noises it with the
+schedule of `train.diffusion` and calls the UNet of `train.unet`. The loop around the step does
+the accounting (bad windows, skipped steps, the metrics record), evaluation and checkpoints.
+Noise and dropout are seeded from ``(seed, rank, step)``, so a run resumed from a checkpoint
+takes exactly the steps of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import sys
 import time
 import warnings
@@ -55,8 +60,18 @@ class Counters:
     sums: dict = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0})
     t_run: float = 0.0  # perf_counter at wall_s = 0 (earlier runs' time included)
 
+    def new_epoch(self, epoch: int) -> None:
+        self.epoch, self.epoch_bad, self.epoch_shards = epoch, 0, set()
+        self.sums = dict.fromkeys(self.sums, 0.0)
 
-def run(cfg) -> None:
+    def add_to_epoch(self, loss: float, wait: float, dt: float) -> None:
+        """A step in the epoch's summary (a non-finite loss adds 0 to the mean loss)."""
+        loss = loss if math.isfinite(loss) else 0.0
+        for key, value in (("loss", loss), ("steps", 1), ("wait", wait), ("time", dt)):
+            self.sums[key] += value
+
+
+def train(cfg) -> None:
     """Train as `cfg` says, on this process's share of the world torchrun describes."""
     check(resolve_defaults(cfg))  # before the device and the process group are set up
     if cfg.tensorboard:
@@ -69,226 +84,266 @@ def run(cfg) -> None:
         distributed.teardown()
 
 
-def _train(r: Run) -> None:
-    if r.finished:
-        print(f"{r.out}: the run finished at step {r.total_steps} already", file=sys.stderr)
+def _train(run: Run) -> None:
+    if run.finished:
+        print(f"{run.out}: the run finished at step {run.total_steps} already", file=sys.stderr)
         return
-    p, c = _parts(r), _counters(r)
-    batches = data.batches(r.stream, c.step, pin_memory=r.world.device.type == "cuda")
+    parts, counts = _parts(run), _counters(run)
+    batches = data.batches(run.stream, counts.step, pin_memory=run.world.device.type == "cuda")
     bar = tqdm(
-        total=r.total_steps,
-        initial=c.step,
-        desc=r.cfg.method,
+        total=run.total_steps,
+        initial=counts.step,
+        desc=run.cfg.method,
         unit="step",
-        disable=not (r.world.main and r.cfg.progress),
+        disable=not (run.world.main and run.cfg.progress),
         dynamic_ncols=True,
     )
     try:  # the loader's workers stop however the loop ends (an error, SIGTERM, SIGINT)
-        _loop(r, p, c, batches, bar)
+        _loop(run, parts, counts, batches, bar)
     finally:
         batches.close()
         bar.close()
-        p.log.close()
+        parts.log.close()
 
 
-def _loop(r: Run, p: Parts, c: Counters, batches, bar) -> None:
-    if r.state is not None:
-        p.log.write({"kind": "resume", "step": c.step, "wall_s": float(r.state["wall_s"])})
-    for step in range(c.step, r.total_steps):
+def _loop(run: Run, parts: Parts, counts: Counters, batches, bar) -> None:
+    """Steps from the checkpoint's (or 0) to the last, each logged, evaluated and saved."""
+    cfg = run.cfg
+    if run.state is not None:
+        parts.log.write(
+            {"kind": "resume", "step": counts.step, "wall_s": float(run.state["wall_s"])}
+        )
+    for step in range(counts.step, run.total_steps):
         t0 = time.perf_counter()
         batch = next(batches)
         wait = time.perf_counter() - t0
-        if batch["epoch"] != c.epoch:
-            _epoch_summary(r, c)
-            c.epoch, c.epoch_bad, c.epoch_shards = batch["epoch"], 0, set()
-            c.sums = dict.fromkeys(c.sums, 0.0)
-        record = _step(r, p, c, batch, step)
+        if batch["epoch"] != counts.epoch:
+            _epoch_summary(run, counts)
+            counts.new_epoch(batch["epoch"])
+        _count_bad_windows(run, counts, batch)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        done = train_step(run, parts, batch, step, lr)
+        _count_skipped(run, counts, done.stepped, step)
+        if done.ddp_dev is not None:
+            parts.log.write({"kind": "diag_ddp", "step": step + 1, "ddp_grad_dev": done.ddp_dev})
+        record = {
+            "step": step + 1,
+            "epoch": counts.epoch,
+            **done.terms,
+            "lr": lr,
+            "grad_norm": done.grad_norm,
+            "param_dist": diagnostics.parameter_distance(parts.model, parts.init),
+        }
         dt = time.perf_counter() - t0
-        c.step, c.images = step + 1, c.images + r.cfg.batch * len(r.frames)
+        counts.step, counts.images = step + 1, counts.images + cfg.batch * len(run.frames)
         record.update(
-            images=c.images,
-            windows=c.step * r.cfg.batch,
-            images_per_s=r.cfg.batch * len(r.frames) / dt,
-            windows_per_s=r.cfg.batch / dt,
+            images=counts.images,
+            windows=counts.step * cfg.batch,
+            images_per_s=cfg.batch * len(run.frames) / dt,
+            windows_per_s=cfg.batch / dt,
             data_wait=wait / dt,
-            wall_s=time.perf_counter() - c.t_run,
-            skipped_steps=c.skipped,
-            bad_windows=c.epoch_bad,
+            wall_s=time.perf_counter() - counts.t_run,
+            skipped_steps=counts.skipped,
+            bad_windows=counts.epoch_bad,
         )
-        p.log.write(record)
-        loss = record["loss"] if _finite(record["loss"]) else 0.0
-        for key, value in (("loss", loss), ("steps", 1), ("wait", wait), ("time", dt)):
-            c.sums[key] += value
+        parts.log.write(record)
+        counts.add_to_epoch(record["loss"], wait, dt)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", wait=f"{wait / dt:.0%}", refresh=False)
-        _evaluate_and_save(r, p, c)
-    _epoch_summary(r, c)
-    p.log.write({"kind": "finished", "step": c.step})
+        _evaluate_and_save(run, parts, counts)
+    _epoch_summary(run, counts)
+    parts.log.write({"kind": "finished", "step": counts.step})
 
 
-def _step(r: Run, p: Parts, c: Counters, batch: dict, step: int) -> dict:
-    """One optimizer step on `batch`; returns its record (losses averaged over ranks)."""
-    cfg, world, dev = r.cfg, r.world, r.world.device
-    x0 = diagnostics.to_unit(batch["frames"], dev)
-    msq = batch["flow_msq"].to(dev, non_blocking=True)
+@dataclass
+class StepResult:
+    terms: dict[str, float]  # "loss" and the method's terms, averaged over micro-batches, ranks
+    grad_norm: float  # before clipping (NaN when the loss was not finite)
+    stepped: bool  # False: the loss or the gradient was not finite, and the step was skipped
+    ddp_dev: float | None  # the DDP gradient check on diagnostic steps under torchrun
+
+
+def train_step(run: Run, parts: Parts, batch: dict, step: int, lr: float) -> StepResult:
+    """One optimizer step on `batch`: forward and backward over the ``--grad-accum``
+    micro-batches, loss averaged over ranks, clip, step, EMA. The noise is seeded from
+    ``(seed, step)`` and dropout from ``(seed, rank, step)``, so a resumed run repeats it."""
+    cfg, world = run.cfg, run.world
+    x0 = data.to_unit(batch["frames"], world.device)
+    flow_msq = batch["flow_msq"].to(world.device, non_blocking=True)
     torch.manual_seed(_step_seed(cfg.seed, world.rank + 1, step))  # dropout: per rank
-    gen = torch.Generator(dev).manual_seed(_step_seed(cfg.seed, 0, step))  # noise: global
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-    for group in p.opt.param_groups:
+    gen = torch.Generator(world.device).manual_seed(_step_seed(cfg.seed, 0, step))  # noise
+    noise = _rank_noise(run, x0.shape, gen)
+    for group in parts.opt.param_groups:
         group["lr"] = lr
+    # on a diagnostic step DDP does not all-reduce: _ddp_deviation does, comparing the ranks
     check_ddp = world.distributed and _due(cfg.diag_every, step + 1)
-    terms = _forward_backward(r, p, x0, msq, gen, sync=not check_ddp)
-    ddp_dev = _ddp_deviation(world, p.model) if check_ddp else None
-    names = list(terms)
-    sums = distributed.all_sum(
-        world,
-        torch.tensor([float(batch["bad"]), *terms.values()], dtype=torch.float64, device=dev),
+    micro = list(
+        zip(*(v.chunk(cfg.grad_accum) for v in (x0, flow_msq, noise.t, noise.eps)), strict=True)
     )
-    c.epoch_bad += int(sums[0])
-    c.epoch_shards.update(batch["bad_shards"])
-    _check_bad_windows(r, c)
-    terms = {n: float(v) / world.size for n, v in zip(names, sums[1:].tolist(), strict=True)}
-    grad_norm = float("nan")
-    if _finite(terms["loss"]):
-        clip = cfg.clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(p.model.parameters(), clip))
-    if _finite(terms["loss"]) and _finite(grad_norm):
-        p.opt.step()
-        _ema_update(p.ema, p.model, ema_decay(cfg.ema, cfg.ema_warmup, step))
-        c.bad_in_row = 0
-    else:
-        c.skipped, c.bad_in_row = c.skipped + 1, c.bad_in_row + 1
-        if c.bad_in_row >= cfg.max_bad_steps:
-            saved = checkpoint.steps_saved(r.out)
-            kept = f"the checkpoint of step {saved[-1]} is intact" if saved else "none saved"
-            raise TrainingError(
-                f"{c.bad_in_row} steps in a row had a non-finite loss or gradient (step "
-                f"{step + 1}); stopped ({kept}). Lower --lr or set --clip"
-            )
-    p.opt.zero_grad(set_to_none=True)
-    if ddp_dev is not None:
-        p.log.write({"kind": "diag_ddp", "step": step + 1, "ddp_grad_dev": ddp_dev})
-    return {
-        "step": step + 1,
-        "epoch": c.epoch,
-        **terms,
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "param_dist": diagnostics.parameter_distance(p.model, p.init),
-    }
-
-
-def _forward_backward(r: Run, p: Parts, x0, msq, gen, sync: bool) -> dict[str, float]:
-    """Loss terms of one step over ``--grad-accum`` micro-batches; gradients left in .grad.
-
-    With ``sync`` False, DDP does not all-reduce (the caller does it, to compare local and
-    global gradients).
-    """
-    noise = _rank_noise(r, x0.shape, gen)
-    chunks = [c.chunk(r.cfg.grad_accum) for c in (x0, msq, noise.t, noise.eps)]
-    parts = list(zip(*chunks, strict=True))
-    bf16 = r.cfg.precision == "bf16" or (r.cfg.precision == "auto" and x0.device.type == "cuda")
-    autocast = (
-        torch.autocast(x0.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
-    sums: dict[str, float] = {}
-    for i, (x, m, t, eps) in enumerate(parts):
-        last = i == len(parts) - 1
-        quiet = p.ddp is not p.model and not (last and sync)
-        with p.ddp.no_sync() if quiet else contextlib.nullcontext():
-            with autocast:
-                per_window, terms = r.method.objective(p.net, r.sched, x, m, Noise(t, eps), r.opts)
+    local: dict[str, float] = {}
+    for i, (x, m, t, eps) in enumerate(micro):
+        with _no_sync(parts, sync=i == len(micro) - 1 and not check_ddp):
+            with _autocast(cfg.precision, x.device):
+                per_window, terms = run.method.objective(
+                    parts.net, run.sched, x, m, Noise(t, eps), run.opts
+                )
             loss = per_window.float().mean()
-            (loss / len(parts)).backward()
+            (loss / len(micro)).backward()
         for name, value in {"loss": loss, **terms}.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach().float().mean()) / len(parts)
-    return sums
+            local[name] = local.get(name, 0.0) + float(value.detach().float().mean()) / len(micro)
+    ddp_dev = _ddp_deviation(world, parts.model) if check_ddp else None
+    terms = _mean_over_ranks(world, local)
+    grad_norm = math.nan
+    if math.isfinite(terms["loss"]):
+        clip = cfg.clip or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.model.parameters(), clip))
+    stepped = math.isfinite(terms["loss"]) and math.isfinite(grad_norm)
+    if stepped:
+        parts.opt.step()
+        _ema_update(parts.ema, parts.model, ema_decay(cfg.ema, cfg.ema_warmup, step))
+    parts.opt.zero_grad(set_to_none=True)
+    return StepResult(terms, grad_norm, stepped, ddp_dev)
 
 
-def _rank_noise(r: Run, shape, gen) -> Noise:
+def _no_sync(parts: Parts, sync: bool):
+    """DDP's no_sync (gradients kept local) unless `sync`; nothing to do without DDP."""
+    return (
+        parts.ddp.no_sync()
+        if parts.ddp is not parts.model and not sync
+        else contextlib.nullcontext()
+    )
+
+
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast of the forward pass (``--precision``: auto is bf16 on CUDA only)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _mean_over_ranks(world, local: dict[str, float]) -> dict[str, float]:
+    values = torch.tensor(list(local.values()), dtype=torch.float64, device=world.device)
+    sums = distributed.all_sum(world, values).tolist()
+    return {name: v / world.size for name, v in zip(local, sums, strict=True)}
+
+
+def _rank_noise(run: Run, shape, gen) -> Noise:
     """This rank's slice of the global batch's noise: the same draws under any world size."""
     b = shape[0]
     full = draw_noise(
-        (b * r.world.size, *shape[1:]), r.method.shared_noise, r.sched.T, gen, gen.device
+        (b * run.world.size, *shape[1:]), run.method.shared_noise, run.sched.T, gen, gen.device
     )
-    part = slice(r.world.rank * b, (r.world.rank + 1) * b)
+    part = slice(run.world.rank * b, (run.world.rank + 1) * b)
     return Noise(full.t[part], full.eps[part])
 
 
-def _evaluate_and_save(r: Run, p: Parts, c: Counters) -> None:
-    """Rank 0: gradient variance, validation loss (a new best is saved) and checkpoints."""
-    cfg, step = r.cfg, c.step
-    if not r.world.main:
+def _count_bad_windows(run: Run, counts: Counters, batch: dict) -> None:
+    """Add the batch's replaced windows (all ranks) to the epoch's; DataError past the limit."""
+    bad = torch.tensor([float(batch["bad"])], dtype=torch.float64, device=run.world.device)
+    counts.epoch_bad += int(distributed.all_sum(run.world, bad)[0])
+    counts.epoch_shards.update(batch["bad_shards"])
+    per_epoch = run.stream.steps_per_epoch * run.cfg.batch
+    if counts.epoch_bad > run.cfg.max_bad_fraction * per_epoch:
+        where = ", ".join(sorted(counts.epoch_shards)) or "shards read by other ranks"
+        raise data.DataError(
+            f"{counts.epoch_bad} of this epoch's {per_epoch} windows failed to decode, more than "
+            f"--max-bad-fraction {run.cfg.max_bad_fraction} (in {where}); "
+            "check the build with `pipeline validate`"
+        )
+
+
+def _count_skipped(run: Run, counts: Counters, stepped: bool, step: int) -> None:
+    """Count a skipped step; TrainingError after ``--max-bad-steps`` of them in a row."""
+    if stepped:
+        counts.bad_in_row = 0
         return
-    done = step == r.total_steps
-    where = {"step": step, "epoch": c.epoch, "images": c.images}
-    if _due(cfg.diag_every, step) and r.probe is not None:
-        stats = diagnostics.gradient_variance(p.model, r.sched, r.method, r.opts, r.probe)
-        p.log.write(
+    counts.skipped, counts.bad_in_row = counts.skipped + 1, counts.bad_in_row + 1
+    if counts.bad_in_row >= run.cfg.max_bad_steps:
+        saved = checkpoint.steps_saved(run.out)
+        kept = f"the checkpoint of step {saved[-1]} is intact" if saved else "none saved"
+        raise TrainingError(
+            f"{counts.bad_in_row} steps in a row had a non-finite loss or gradient (step "
+            f"{step + 1}); stopped ({kept}). Lower --lr or set --clip"
+        )
+
+
+def _evaluate_and_save(run: Run, parts: Parts, counts: Counters) -> None:
+    """Rank 0: gradient variance, validation loss (a new best is saved) and checkpoints."""
+    cfg, step = run.cfg, counts.step
+    if not run.world.main:
+        return
+    done = step == run.total_steps
+    where = {"step": step, "epoch": counts.epoch, "images": counts.images}
+    if _due(cfg.diag_every, step) and run.probe is not None:
+        stats = diagnostics.gradient_variance(
+            parts.model, run.sched, run.method, run.opts, run.probe
+        )
+        parts.log.write(
             {
                 "kind": "diag",
                 **where,
-                "wall_s": time.perf_counter() - c.t_run,
-                "probe_size": len(r.probe),
+                "wall_s": time.perf_counter() - counts.t_run,
+                "probe_size": len(run.probe),
                 **stats,
             }
         )
     saved = False
-    if r.val is not None and (done or _due(cfg.val_every, step)):
-        val = diagnostics.validation_loss(p.model, r.sched, r.val)
-        val_ema = diagnostics.validation_loss(p.ema, r.sched, r.val)
-        p.log.write(
+    if run.val is not None and (done or _due(cfg.val_every, step)):
+        val = diagnostics.validation_loss(parts.model, run.sched, run.val)
+        val_ema = diagnostics.validation_loss(parts.ema, run.sched, run.val)
+        parts.log.write(
             {
                 "kind": "val",
                 **where,
-                "wall_s": time.perf_counter() - c.t_run,
+                "wall_s": time.perf_counter() - counts.t_run,
                 "val_loss": val,
                 "val_loss_ema": val_ema,
-                "val_size": len(r.val),
+                "val_size": len(run.val),
             }
         )
-        if val_ema < r.best_val:
-            p.log.sync()
-            checkpoint.save(r.out, step, _state(r, p, c), cfg.keep)
-            checkpoint.mark_best(r.out, step, val_ema)
-            r.best_val, saved = val_ema, True
+        if val_ema < run.best_val:
+            parts.log.sync()
+            checkpoint.save(run.out, step, _state(run, parts, counts), cfg.keep)
+            checkpoint.mark_best(run.out, step, val_ema)
+            run.best_val, saved = val_ema, True
     if not saved and (done or _due(cfg.ckpt_every, step)):
-        p.log.sync()
-        checkpoint.save(r.out, step, _state(r, p, c), cfg.keep)
+        parts.log.sync()
+        checkpoint.save(run.out, step, _state(run, parts, counts), cfg.keep)
 
 
-def _parts(r: Run) -> Parts:
-    model, dev = r.model, r.world.device
+def _parts(run: Run) -> Parts:
+    model, dev = run.model, run.world.device
     ddp = model
-    if r.world.distributed:
+    if run.world.distributed:
         ids = [dev.index] if dev.type == "cuda" else None
         ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
     init = [q.detach().clone() for q in model.parameters()]  # before any checkpoint is loaded
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=r.cfg.lr, weight_decay=0.0)
-    if r.state is not None:
-        model.load_state_dict(r.state["model"])
-        ema.load_state_dict(r.state["ema"])
-        opt.load_state_dict(r.state["optimizer"])
-    net = torch.compile(ddp) if r.cfg.compile else ddp
-    resumed = None if r.state is None else int(r.state["step"])
+    opt = torch.optim.AdamW(model.parameters(), lr=run.cfg.lr, weight_decay=0.0)
+    if run.state is not None:
+        model.load_state_dict(run.state["model"])
+        ema.load_state_dict(run.state["ema"])
+        opt.load_state_dict(run.state["optimizer"])
+    net = torch.compile(ddp) if run.cfg.compile else ddp
+    resumed = None if run.state is None else int(run.state["step"])
     # the checkpoint's run mirrored every record up to it into RUN/tb/train
-    complete = r.state is not None and bool(r.state["config"].get("tensorboard"))
-    log = MetricsLog(r.out, r.world.main, r.cfg.tensorboard, resumed, complete)
+    complete = run.state is not None and bool(run.state["config"].get("tensorboard"))
+    log = MetricsLog(run.out, run.world.main, run.cfg.tensorboard, resumed, complete)
     return Parts(model, ddp, net, ema, opt, init, log)
 
 
-def _counters(r: Run) -> Counters:
-    c = Counters(t_run=time.perf_counter())
-    if r.state is not None:
-        s = r.state
-        c.step, c.images, c.skipped = int(s["step"]), int(s["images"]), int(s["skipped_steps"])
-        c.t_run -= float(s["wall_s"])
-        c.epoch = c.step // r.stream.steps_per_epoch
-        if int(s.get("epoch", -1)) == c.epoch:  # saved mid-epoch: its bad windows count on
-            c.epoch_bad = int(s.get("epoch_bad", 0))  # 0 in a checkpoint from before the count
-            c.epoch_shards = set(s.get("epoch_bad_shards", []))
-    return c
+def _counters(run: Run) -> Counters:
+    counts = Counters(t_run=time.perf_counter())
+    state = run.state
+    if state is not None:
+        counts.step, counts.images = int(state["step"]), int(state["images"])
+        counts.skipped = int(state["skipped_steps"])
+        counts.t_run -= float(state["wall_s"])
+        counts.epoch = counts.step // run.stream.steps_per_epoch
+        if int(state.get("epoch", -1)) == counts.epoch:  # saved mid-epoch: its bad windows
+            counts.epoch_bad = int(state.get("epoch_bad", 0))  # (0 before the count existed)
+            counts.epoch_shards = set(state.get("epoch_bad_shards", []))
+    return counts
 
 
 def _ddp_deviation(world, model) -> float:
@@ -304,53 +359,37 @@ def _ddp_deviation(world, model) -> float:
     return float(distributed.all_sum(world, dev)) / world.size
 
 
-def _check_bad_windows(r: Run, c: Counters) -> None:
-    per_epoch = r.stream.steps_per_epoch * r.cfg.batch
-    if c.epoch_bad > r.cfg.max_bad_fraction * per_epoch:
-        where = ", ".join(sorted(c.epoch_shards)) or "shards read by other ranks"
-        raise data.DataError(
-            f"{c.epoch_bad} of this epoch's {per_epoch} windows failed to decode, more than "
-            f"--max-bad-fraction {r.cfg.max_bad_fraction} (in {where}); "
-            "check the build with `pipeline validate`"
-        )
-
-
-def _state(r: Run, p: Parts, c: Counters) -> dict:
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    S = r.stream.steps_per_epoch
+def _state(run: Run, parts: Parts, counts: Counters) -> dict:
+    S = run.stream.steps_per_epoch
     return {
-        "model": p.model.state_dict(),
-        "ema": p.ema.state_dict(),
-        "optimizer": p.opt.state_dict(),
-        "scaler": {},  # bf16 autocast needs no loss scaler
-        "step": c.step,
-        "epoch": c.epoch,
-        "images": c.images,
-        "skipped_steps": c.skipped,
-        "epoch_bad": c.epoch_bad,  # windows replaced so far in this epoch, all ranks
-        "epoch_bad_shards": sorted(c.epoch_shards),
-        "wall_s": time.perf_counter() - c.t_run,
-        "rng": rng,
+        "model": parts.model.state_dict(),
+        "ema": parts.ema.state_dict(),
+        "optimizer": parts.opt.state_dict(),
+        "step": counts.step,
+        "epoch": counts.epoch,
+        "images": counts.images,
+        "skipped_steps": counts.skipped,
+        "epoch_bad": counts.epoch_bad,  # windows replaced so far in this epoch, all ranks
+        "epoch_bad_shards": sorted(counts.epoch_shards),
+        "wall_s": time.perf_counter() - counts.t_run,
         "loader": {
-            "next_batch": c.step,
-            "epoch": c.step // S,
-            "step_in_epoch": c.step % S,
-            "lanes": r.stream.lanes,
-            "world": r.world.size,
+            "next_batch": counts.step,
+            "epoch": counts.step // S,
+            "step_in_epoch": counts.step % S,
+            "lanes": run.stream.lanes,
+            "world": run.world.size,
         },
-        "config": r.resolved,
+        "config": run.resolved,
     }
 
 
-def _epoch_summary(r: Run, c: Counters) -> None:
-    s = c.sums
-    if not r.world.main or not s["steps"]:
+def _epoch_summary(run: Run, counts: Counters) -> None:
+    s = counts.sums
+    if not run.world.main or not s["steps"]:
         return
     tqdm.write(
-        f"epoch {c.epoch}: {int(s['steps'])} steps, mean loss {s['loss'] / s['steps']:.4f}, "
-        f"data wait {s['wait'] / max(s['time'], 1e-9):.0%}, {c.epoch_bad} bad windows",
+        f"epoch {counts.epoch}: {int(s['steps'])} steps, mean loss {s['loss'] / s['steps']:.4f}, "
+        f"data wait {s['wait'] / max(s['time'], 1e-9):.0%}, {counts.epoch_bad} bad windows",
         file=sys.stderr,
     )
 
@@ -361,10 +400,6 @@ def _due(every: int, step: int) -> bool:
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + step * 2) % (2**62)
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def ema_decay(ema: float, warmup: bool, step: int) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from shards_spec import Build, open_build
+from shards_spec.atomic import atomic_write_text
 from shards_spec.format import MANIFEST_NAME
 from train import checkpoint, data, diagnostics, folder_lock
 from train.diffusion import Schedule
@@ -31,23 +32,24 @@ CONFIG_NAME = "config.json"
 DERIVED_DIRS = ("evals", "samples")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    cfg: TrainConfig
-    world: World
-    out: Path
-    method: Method
-    opts: Options
-    frames: tuple[int, ...]
-    stream: data.Stream
-    workers: int
+    """Everything the training loop needs, prepared from the options by `prepare`."""
+
+    cfg: TrainConfig  # the options, resolved (batch, epochs, sigma, image size filled in)
+    world: World  # this process's rank, the world size and the device
+    out: Path  # the run folder
+    method: Method  # the objective and what it reads of a window
+    opts: Options  # the objective's knobs
+    frames: tuple[int, ...]  # the frames of each window the method trains on
+    stream: data.Stream  # this rank's train windows
     total_steps: int
     sched: Schedule
     model: UNet
-    state: dict[str, Any] | None
-    val: diagnostics.FixedSet | None
-    probe: diagnostics.FixedSet | None
-    resolved: dict[str, Any]
+    state: dict[str, Any] | None  # the checkpoint resumed from (None: a fresh start)
+    val: diagnostics.FixedSet | None  # rank 0's fixed validation frames (None: not validating)
+    probe: diagnostics.FixedSet | None  # fixed windows of the gradient-variance probe
+    resolved: dict[str, Any]  # what config.json records: the options and the derived values
     best_val: float = float("inf")
     finished: bool = False  # the run had reached its last step already (nothing to do)
 
@@ -97,15 +99,15 @@ def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
     stream = data.stream_for(
         build,
         "train",
-        frames,
-        image_size,
-        cfg.batch,
-        cfg.seed,
-        world.rank,
-        world.size,
-        workers,
-        cfg.shard_url,
-        cfg.verify_shards,
+        frames=frames,
+        image_size=image_size,
+        batch=cfg.batch,
+        seed=cfg.seed,
+        rank=world.rank,
+        world=world.size,
+        workers=workers,
+        url_template=cfg.shard_url,
+        verify=cfg.verify_shards,
     )
     S = stream.steps_per_epoch
     total = cfg.epochs * S if cfg.max_steps is None else min(cfg.epochs * S, cfg.max_steps)
@@ -123,7 +125,12 @@ def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
         sigma_div = broadcast_float(world, auto_sigma_div(sched, probe.x0, cfg.delta, gen))
     cfg = dataclasses.replace(cfg, image_size=image_size, sigma=sigma, sigma_div=sigma_div)
     opts = Options(
-        cfg.lam, sigma, cfg.delta, sigma_div or 1.0, cfg.disp_weight, 0.5, cfg.disp_block
+        lam=cfg.lam,
+        sigma=sigma,
+        delta=cfg.delta,
+        sigma_div=sigma_div or 1.0,  # only divergence reads it, and it always has one
+        disp_weight=cfg.disp_weight,
+        disp_block=cfg.disp_block,
     )
     torch.manual_seed(cfg.seed)
     model = build_unet(cfg.preset, image_size)
@@ -159,21 +166,20 @@ def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
     if world.main and not finished:
         _announce(cfg, method, resolved, stream, out)
     run = Run(
-        cfg,
-        world,
-        out,
-        method,
-        opts,
-        frames,
-        stream,
-        workers,
-        total,
-        sched,
-        model,
-        state,
-        val,
-        probe,
-        resolved,
+        cfg=cfg,
+        world=world,
+        out=out,
+        method=method,
+        opts=opts,
+        frames=frames,
+        stream=stream,
+        total_steps=total,
+        sched=sched,
+        model=model,
+        state=state,
+        val=val,
+        probe=probe,
+        resolved=resolved,
         finished=finished,
     )
     best = checkpoint.best_step(out)
@@ -257,9 +263,7 @@ def _resume_state(
                 )
     finished = bool(broadcast_float(world, float(finished)))  # rank 0 read the metrics
     if world.main and not finished:
-        tmp = out / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / CONFIG_NAME)
+        atomic_write_text(out / CONFIG_NAME, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     return state, finished
 
 
