@@ -198,6 +198,8 @@ METHODS: dict[str, Method] = {
         Method("dispersive", dispersive, False, False, "iid plus Dispersive Loss"),
     )
 }
+# the methods that train on every frame of a window (a batch counts windows, not frames)
+WINDOW_METHODS = tuple(name for name, m in METHODS.items() if m.window)
 
 
 def get_method(name: str) -> Method:

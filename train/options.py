@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 from shards_spec.cli import add_debug_flag
 from train.diffusion import DEFAULT_PREDICTION, DEFAULT_SCHEDULE, PREDICTIONS, SCHEDULES
-from train.objectives import METHODS
+from train.objectives import METHODS, WINDOW_METHODS
 from train.recipes import RECIPES
 
-WINDOW_METHODS = ("seq", "adjacent", "flow", "divergence")
 # the paper's settings: baselines 256 frames for 500 epochs, window methods 128 windows for 300
 PAPER_BATCH = {"windows": 128, "frames": 256}
 PAPER_EPOCHS = {"windows": 300, "frames": 500}
