@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shardutil import make_build
 
 from eval import generation as gen
 from eval.__main__ import main
 from eval.sample import write_png
-from tests.shardutil import make_build
 
 
 @pytest.fixture(scope="module")

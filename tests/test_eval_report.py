@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shardutil import make_build
 
 from eval.report import ReportError, add_arguments, make_report, run, variant_key
-from tests.shardutil import make_build
 from train.__main__ import main as train_main
 
 SPE = 10  # steps per epoch of every fixture run

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from shardutil import make_build
 
 from eval import study as study_mod
 from eval.__main__ import main as eval_main
-from tests.shardutil import make_build
 
 REPO = Path(__file__).resolve().parent.parent
 

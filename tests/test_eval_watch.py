@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build
 
 from eval.__main__ import main as eval_main
-from tests.shardutil import make_build
 from train.__main__ import main as train_main
 
 WATCH = ["--all", "--once", "--n", "8", "--steps", "3", "--extractor", "offline", "--n-ref",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build
 
-from tests.shardutil import make_build
 from train.checkpoint import steps_saved
 from train.metrics import read_metrics, steps
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build
 
 from eval.__main__ import main as eval_main
 from eval.runs import RunError, schedule_of
-from tests.shardutil import make_build
 from train.__main__ import main
 from train.checkpoint import path_for
 from train.diffusion import PREDICTIONS, Schedule, ddim_step, ddim_timesteps

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build
 
 from eval import features, study, watch
 from eval.__main__ import main as eval_main
 from eval.runs import RunError, read_config
-from tests.shardutil import make_build
 from train.__main__ import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent

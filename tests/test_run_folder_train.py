@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build, read_members, resign, write_members
 
 from shards_spec.writer import sha256_file
-from tests.shardutil import make_build, read_members, resign, write_members
 from train import checkpoint
 from train.__main__ import main
 from train.checkpoint import CheckpointError, steps_saved

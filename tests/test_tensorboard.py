@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build
 
 from eval.__main__ import main as eval_main
-from tests.shardutil import make_build
 from train import diagnostics
 from train.__main__ import main as train_main
 from train.metrics import TB_MISSING, event_files, read_metrics, scalars

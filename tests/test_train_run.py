@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build, read_members, resign, write_members
 
-from tests.shardutil import make_build, read_members, resign, write_members
 from train import objectives
 from train.__main__ import main
 from train.checkpoint import steps_saved

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardutil import make_build
 
-from tests.shardutil import make_build
 from train.__main__ import main
 from train.checkpoint import path_for
 from train.loop import ema_decay
