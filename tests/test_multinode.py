@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from netutil import free_port
 from shardutil import make_build
 
 from train.checkpoint import steps_saved
@@ -24,12 +24,6 @@ PY = sys.executable
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Path:
     return make_build(tmp_path_factory.mktemp("nodes"), n_train=40, n_val=8, size=16, shard_size=7)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(build: Path, out: Path, *extra: str) -> list[str]:

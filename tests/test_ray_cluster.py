@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from buildutil import tree_bytes
+from netutil import free_port
 
 from pipeline.build import BuildError
 from shards_spec import validate
@@ -48,12 +49,6 @@ RAY_START = (
 )
 SMALL = ["--src", "synthetic", "--synth-sequences", "4", "--synth-frames", "24", "--size", "32",
          "--no-progress"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid: int) -> list[str] | None:
