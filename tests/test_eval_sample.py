@@ -261,6 +261,7 @@ def test_sampling_reads_the_runs_schedule(trained_run, tmp_path):
         assert (np.asarray(im) == want[1]).all()
 
 
+@pytest.mark.slow  # torchrun, two ranks
 def test_two_ranks_match_one(trained_run, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert es.run(_args(trained_run, one, "--n", "5", "--batch", "2")) == 0  # [0,1] [2,3] [4]

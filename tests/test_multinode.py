@@ -18,6 +18,8 @@ from shardutil import make_build
 from train.checkpoint import steps_saved
 from train.metrics import read_metrics, steps
 
+pytestmark = pytest.mark.slow  # every test starts two torchrun agents
+
 PY = sys.executable
 
 

@@ -136,6 +136,7 @@ def test_resume_reads_only_the_shards_of_the_first_batch(build, monkeypatch):
     assert len(opened) == needed <= 2 * len(stream.rank_lanes)
 
 
+@pytest.mark.slow  # torchrun, two ranks
 def test_two_ranks_under_torchrun_match_one_process(build, tmp_path):
     """DDP over 2 gloo ranks (1 loader worker each) = 1 process with 2 workers, same batch."""
     one, two = tmp_path / "one", tmp_path / "two"
