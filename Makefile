@@ -12,7 +12,7 @@ DEMO_SAMPLE ?= --n 128 --steps 50 --eta 1 --no-progress
 # the two runs train side by side, one thread each (more images/s on 2 cores than one after the other)
 DEMO_RUNS = flow iid
 
-.PHONY: install demo test lint format bench clean lock
+.PHONY: install demo test test-fast lint format bench clean lock
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# lint and the tests not marked slow (no Ray cluster, no torchrun); CI runs `make test`
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
