@@ -14,7 +14,7 @@ from typing import Any
 from train import checkpoint
 from train.diffusion import PREDICTIONS, SCHEDULES, Schedule
 from train.options import LEGACY_DEFAULTS
-from train.unet import PRESETS, UNet, build_unet
+from train.unet import PRESETS, UNet, build_unet, layout_refusal
 
 EVALS_DIR = "evals"  # RUN/evals/{step:08d}-{split}-{extractor}.json, one per evaluation
 SAMPLES_DIR = "samples"  # RUN/samples/{step:08d}/: eval watch's samples of a checkpoint
@@ -113,6 +113,9 @@ def load(run: Path | str, which: str | int = "last", ema: bool = True, device="c
             )
     if config.get("preset") not in PRESETS:
         raise RunError(f"{run}/config.json: unknown preset {config.get('preset')!r}")
+    why = layout_refusal(config["preset"], config.get("unet"))
+    if why:
+        raise RunError(f"{run}: {why}")
     model = build_unet(config["preset"], int(config["image_size"]))
     try:
         model.load_state_dict(state["ema" if ema else "model"])

@@ -20,7 +20,7 @@ from eval.__main__ import main
 from eval.runs import RunError, load
 from train import checkpoint
 from train.diffusion import Schedule, ddim_step, ddim_timesteps
-from train.unet import PRESETS, UNet, UNetConfig, build_unet
+from train.unet import FORMER_LAYOUTS, PRESETS, UNet, build_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -120,24 +120,40 @@ def test_exported_unet_matches(preset, size, tmp_path, capsys):
     assert diff <= TOL
 
 
-def test_base_layout_matches():
-    """base's layout (5 levels, 2 blocks, 128 channels, groups 32, dropout 0.1 in eval mode) with
-    attention where its width is the middle's (base itself is refused: see below), at 64 px."""
-    base = PRESETS["base"]
-    cfg = UNetConfig(**{**asdict(base), "attn_levels": (len(base.mults) - 1,)})
-    model = _perturbed(UNet(cfg, 64), 5)
+def test_base_matches():
+    """base (5 levels, 2 blocks, 128 channels, groups 32, dropout 0.1 in eval mode, 4 heads of
+    128 at level 3 and in the middle) at 64 px, the size of the oracle's other presets' order."""
+    model = _perturbed(build_unet("base", 64), 5)
     diff = _max_diff(model, ex.to_diffusers(model))
-    print(f"base layout at 64 px: max abs diff {diff:.3g}")
+    print(f"base at 64 px: max abs diff {diff:.3g}")
     assert diff <= TOL
 
 
-def test_base_is_refused():
-    """base has 4 heads at widths 384 (level 3) and 512 (middle): no single head dimension."""
-    model = build_unet("base", 64)
+def test_two_head_widths_are_refused():
+    """base of framebridge 0.1 had 4 heads at widths 384 (level 3) and 512 (middle): no single
+    head dimension, so no UNet2DModel."""
+    _, former = FORMER_LAYOUTS["base"][0]
     with pytest.raises(RunError, match="no exact diffusers UNet2DModel") as info:
-        ex.unet_config(model)
+        ex.unet_config(UNet(former, 64))
     assert "level 3 384 (96 per head)" in str(info.value)
     assert "middle 512 (128 per head)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_run_of_a_former_layout_is_refused_naming_the_version(tmp_path, capsys):
+    """A run trained with base's layout of 0.1: eval (and so export) refuse it in one line."""
+    run = tmp_path / "old-base"
+    _, former = FORMER_LAYOUTS["base"][0]
+    config = {"preset": "base", "image_size": 64, "unet": json.loads(json.dumps(asdict(former)))}
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config))
+    state = {"model": {}, "ema": {}, "optimizer": {}, "step": 1, "epoch": 0, "images": 1}
+    checkpoint.save(run, 1, {**state, "wall_s": 1.0, "config": config}, keep=1)
+    with pytest.raises(RunError, match="layout of framebridge 0.1") as info:
+        load(run)
+    assert "mults [1, 1, 2, 3, 4]" in str(info.value) and "\n" not in str(info.value)
+    assert main(["export", str(run), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "framebridge 0.1" in err[0]
 
 
 # --- the pipeline --------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def test_installed_package_is_the_wheel(venv):
     got = json.loads(run_in(venv, str(venv["python"]), "-c", CHECK))
     for file in got["files"]:
         assert file.startswith(venv["site"] + os.sep), file
-    assert got["version"] == "0.1.0" and got["dist"].startswith(venv["site"])
+    assert got["version"] == "0.2.0" and got["dist"].startswith(venv["site"])
     assert got["spec"].startswith("# Shard format 1.0")
     assert got["schemas"] == ["object", "object"]
     repo = str(REPO)

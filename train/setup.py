@@ -25,7 +25,7 @@ from train.distributed import World, broadcast_float
 from train.metrics import METRICS_NAME, read_metrics
 from train.objectives import Method, Options, auto_sigma_div, get_method
 from train.options import TrainConfig, check, resolve_defaults
-from train.unet import PRESETS, UNet, build_unet, model_cost
+from train.unet import PRESETS, UNet, build_unet, layout_refusal, model_cost
 
 CONFIG_NAME = "config.json"
 # folders `eval watch` writes into a run folder from its checkpoints; a fresh start removes them
@@ -241,6 +241,12 @@ def _resume_state(
         resolved["run_id"] = uuid.uuid4().hex
     else:
         existing = _saved_config(out) if world.main else {}
+        why = layout_refusal(cfg.preset, state["config"].get("unet"))
+        if state["config"].get("preset") == cfg.preset and why:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint in {out} is of another model: {why}; use another --out or "
+                "--no-resume"
+            )
         checkpoint.check_compatible(state["config"], resolved)
         step, total = int(state["step"]), resolved["total_steps"]
         if step > total:

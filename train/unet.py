@@ -21,6 +21,8 @@ Dropout: with ``config.dropout > 0`` and the model in train mode, ``torch.func.v
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -80,12 +82,50 @@ PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(channels=32, mults=(1, 2, 2), blocks=1, attn_levels=(2,), heads=4, groups=8),
     # quick GPU experiments at 32-64 px: attention at the two lowest levels.
     "small": UNetConfig(channels=64, mults=(1, 2, 2, 2), blocks=2, attn_levels=(2, 3), heads=4),
-    # paper-scale 128 px GPU model (DDPM/ADM-like; 89.7M params, 66 GMAC at 128 px);
-    # attention at level 3 = 16x16 at 128 px.
+    # paper-scale 128 px GPU model (DDPM-like; 108.2M params, 71.4 GMAC at 128 px); attention
+    # at level 3 = 16x16 at 128 px and in the middle, both 512 wide (4 heads of 128, so that
+    # diffusers' UNet2DModel, which has one head width, holds it: `python -m eval export`).
     "base": UNetConfig(
-        channels=128, mults=(1, 1, 2, 3, 4), blocks=2, attn_levels=(3,), heads=4, dropout=0.1
+        channels=128, mults=(1, 1, 2, 4, 4), blocks=2, attn_levels=(3,), heads=4, dropout=0.1
     ),
 }
+# the layouts a preset had in earlier versions of framebridge: a run of one is refused in one
+# line naming the version (its weights do not fit this version's preset)
+FORMER_LAYOUTS: dict[str, tuple[tuple[str, UNetConfig], ...]] = {
+    "base": (  # 4 heads at widths 384 (level 3) and 512 (middle): no single head width
+        (
+            "0.1",
+            UNetConfig(
+                channels=128,
+                mults=(1, 1, 2, 3, 4),
+                blocks=2,
+                attn_levels=(3,),
+                heads=4,
+                dropout=0.1,
+            ),
+        ),
+    ),
+}
+
+
+def _as_json(cfg: UNetConfig) -> dict:
+    """A layout as config.json records it (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def layout_refusal(preset: str, recorded: dict | None) -> str | None:
+    """Why a run whose config.json records `recorded` as the layout of its `preset` cannot be
+    used by this version (one line), or None when it can (or recorded none)."""
+    if recorded is None or preset not in PRESETS or recorded == _as_json(PRESETS[preset]):
+        return None
+    for version, cfg in FORMER_LAYOUTS.get(preset, ()):
+        if recorded == _as_json(cfg):
+            return (
+                f"its {preset} UNet has the layout of framebridge {version} (mults "
+                f"{list(cfg.mults)}), not this version's (mults {list(PRESETS[preset].mults)}): "
+                f"train it again, or use framebridge {version} for it"
+            )
+    return f"its {preset} UNet layout {recorded} is not this version's {_as_json(PRESETS[preset])}"
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
