@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shards_spec.atomic import is_leftover
 from train import checkpoint
 from train.diffusion import PREDICTIONS, SCHEDULES, Schedule
 from train.options import LEGACY_DEFAULTS
@@ -175,14 +176,8 @@ def _check_folder(folder: Path, flag: str, given: Path) -> None:
 
 def atomic_leftover(name: str, targets: Iterable[str]) -> bool:
     """Whether ``name`` is what an interrupted `shards_spec.atomic` write of one of ``targets``
-    leaves beside it: ``.TARGET.*.tmp`` (atomic_output's temporary file; ``.TARGET.tmp`` too,
-    the name this project's writers used before) or ``.TARGET.old-PID`` (replace_folder's old
-    folder). shards_spec.atomic names these without saying so publicly; this follows it."""
-    for target in targets:
-        rest = name.removeprefix(f".{target}.")
-        if rest != name and (rest == "tmp" or rest.endswith(".tmp") or rest.startswith("old-")):
-            return True
-    return False
+    left beside it (`shards_spec.atomic.is_leftover`)."""
+    return any(is_leftover(name, target) for target in targets)
 
 
 def foreign_files(

@@ -22,6 +22,15 @@ def _temp_path(path: Path) -> Path:
     return Path(name)
 
 
+def is_leftover(name: str, target: str) -> bool:
+    """Whether the file name `name` is what an interrupted atomic write of `target` (a file
+    name in the same folder) leaves: ``.TARGET.*.tmp`` (`atomic_output`'s temporary file;
+    ``.TARGET.tmp`` too, the name of earlier versions) or ``.TARGET.old-PID`` (the old folder
+    of `replace_folder`)."""
+    rest = name.removeprefix(f".{target}.")
+    return rest != name and (rest == "tmp" or rest.endswith(".tmp") or rest.startswith("old-"))
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Flush a folder's entries (a rename in it) to disk, where the filesystem allows it."""
     try:

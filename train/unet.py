@@ -116,7 +116,10 @@ def _as_json(cfg: UNetConfig) -> dict:
 def layout_refusal(preset: str, recorded: dict | None) -> str | None:
     """Why a run whose config.json records `recorded` as the layout of its `preset` cannot be
     used by this version (one line), or None when it can (or recorded none)."""
-    if recorded is None or preset not in PRESETS or recorded == _as_json(PRESETS[preset]):
+    if recorded is None or preset not in PRESETS:
+        return None
+    recorded = json.loads(json.dumps(recorded))  # a checkpoint holds tuples, config.json lists
+    if recorded == _as_json(PRESETS[preset]):
         return None
     for version, cfg in FORMER_LAYOUTS.get(preset, ()):
         if recorded == _as_json(cfg):
