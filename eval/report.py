@@ -23,7 +23,8 @@ from eval.plots import fmt_axis, mean_std, table
 from eval.runs import EVALS_DIR, RunError, check_out_dir, read_config
 from shards_spec.atomic import atomic_write_text
 from train.metrics import METRICS_NAME, read_metrics
-from train.options import WINDOW_METHODS
+from train.objectives import WINDOW_METHODS
+from train.options import NOT_VARIANT  # config.json keys that do not make another variant
 
 TITLES = {
     "inception": "FID (inception extractor)",
@@ -32,14 +33,6 @@ TITLES = {
 SHORT = {"inception": "FID", "offline": "offline Frechet distance"}
 AXES = ("epochs", "images", "wall")
 METHOD_ORDER = ("iid", "seq", "adjacent", "dispersive", "flow", "divergence")
-# keys that do not make another variant: seed, output, run length, logging and machinery
-_MACHINERY = (
-    "seed out epochs max_steps total_steps shards shard_url workers world_size resume compile "
-    "progress device ckpt_every keep val_every val_size diag_every probe_size max_bad_fraction "
-    "max_bad_steps grad_accum unet params macs_per_image macs_per_sample steps_per_epoch recipe "
-    "run_id verify_shards dist_timeout"
-)
-NOT_VARIANT = frozenset([*_MACHINERY.split(), "tensorboard"])  # tensorboard: an output
 SYMBOLS = {"lam": "λ", "sigma": "σ", "sigma_div": "σ_div", "delta": "δ"}
 LABEL_FIRST = ("lam", "sigma", "sigma_div", "batch", "preset", "image_size")
 PAPER = (  # Table 1 of the paper: method, FID train, FID val

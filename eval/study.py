@@ -41,7 +41,8 @@ from typing import Any
 from shards_spec import SpecError, open_build
 from shards_spec.atomic import atomic_write_text
 from train import checkpoint, folder_lock
-from train.options import WINDOW_METHODS
+from train.objectives import WINDOW_METHODS
+from train.options import STUDY_SET, TrainConfig
 
 from .plots import duration
 from .runs import EVALS_DIR, SAMPLES_DIR, RunError, check_device, check_out_dir, read_config
@@ -60,8 +61,11 @@ CELL_LOCK = ".study-cell"  # RUN/.study-cell/.lock: held by the study process ru
 RUNS_DIR = "runs"
 STOP_GRACE_S = 10.0  # after SIGTERM, a cell's processes get this long before SIGKILL
 # set by the runner for every cell; a study that sets them is refused
-_RESERVED = "shards out seed max_steps epochs resume no_resume ckpt_every keep val_every diag_every"
-RESERVED = frozenset([*_RESERVED.split(), "device", "progress", "no_progress"])
+# the options this runner sets for every cell (train.options.STUDY_SET), with the --no- forms of
+# the switches among them
+RESERVED = STUDY_SET | {
+    f"no_{name}" for name in STUDY_SET if isinstance(getattr(TrainConfig(), name), bool)
+}
 
 
 @dataclass
