@@ -747,8 +747,8 @@ def generate(
                     rgb, fg, hand = _render(plan, subject, camera, background, f)
                     images = (np.ascontiguousarray(rgb[..., ::-1]), fg, hand)
                     for path, img in zip(paths, images, strict=True):
-                        if not path.is_file():
-                            atomic_write_bytes(path, _jpeg(img, quality))
+                        if not path.is_file():  # (not durable: a rerun makes it again)
+                            atomic_write_bytes(path, _jpeg(img, quality), durable=False)
                     bar.update(1)
     atomic_write_bytes(meta_path, meta_text.encode())
     marker.unlink(missing_ok=True)

@@ -51,29 +51,33 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` for any writer (``torch.save``, ``savefig``, ...).
 
-    When the block ends normally the file is fsynced, made readable (0644) and renamed over
-    ``path``; when it raises, the temporary file is removed and the error goes on.
+    When the block ends normally the file is fsynced (unless not `durable`: a file that can be
+    made again, where a power cut may leave it empty but never cut short), made readable
+    (0644) and renamed over ``path``; when it raises, the temporary file is removed and the
+    error goes on.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
         yield tmp
-        _fsync_file(tmp)
+        if durable:
+            _fsync_file(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_output(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (`atomic_output`)."""
+    with atomic_output(path, durable) as tmp:
         tmp.write_bytes(data)
 
 
