@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from pipeline.flow import BACKENDS
 from pipeline.sources import SOURCES
+from shards_spec.cli import add_debug_flag, run_command
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -105,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pipeline", description="Turn video datasets into flow-weighted frame-window shards."
     )
-    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_flag(ap)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="build shards from a dataset (Ray-parallel, resumable)")
     _add_build(p)
@@ -126,28 +127,30 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand, ended as every command ends (`shards_spec.cli`): bad input in one
+    line with exit 2; an error inside a Ray task or actor in one line with exit 1."""
     from pipeline.build import BuildError
     from pipeline.flow import FlowError
     from pipeline.sources import SourceError
     from shards_spec.format import SpecError
 
     args = parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except (BuildError, FlowError, SourceError, SpecError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"pipeline {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # an error raised inside a Ray task or actor
-        if args.debug or not _is_ray_error(e):
-            raise
-        print(f"pipeline {args.command}: error: {one_line(e)} (--debug shows the traceback)",
-              file=sys.stderr)  # fmt: skip
-        return 1
+    errors = (BuildError, FlowError, SourceError, SpecError, ValueError, OSError)
+
+    def message(e: BaseException) -> str:
+        return (
+            one_line(e) if isinstance(e, errors) else f"{one_line(e)} (--debug shows the traceback)"
+        )
+
+    return run_command(
+        lambda: args.func(args),
+        errors=errors,
+        failed=_is_ray_error,
+        message=message,
+        prefix=f"pipeline {args.command}: ",
+        debug=args.debug,
+        on_stop="; run the same command again to resume",
+    )
 
 
 def _is_ray_error(e: BaseException) -> bool:
