@@ -395,21 +395,20 @@ def _plot_speed(questions, by_cell, path: Path) -> bool:
     return ok
 
 
+def _draw_val_loss(ax, shown) -> bool:
+    """The EMA validation loss of the variants against images, on a log axis."""
+    return plots.draw(
+        ax, shown, points=val_points, axis="images", key=KEY, title="val loss (EMA), log", log=True
+    )
+
+
 def _plot_ablation(questions, by_cell, extractor: str, path: Path) -> bool:
     names = [questions.get(k) for k in ("baseline", "seq", "adjacent", "method")]
     shown = variants(by_cell, [n for n in names if n])
     if not shown:
         return False
     fig, (loss_ax, fd_ax) = plots.figure(2)
-    ok = plots.draw(
-        loss_ax,
-        shown,
-        points=val_points,
-        axis="images",
-        key=KEY,
-        title="val loss (EMA), log",
-        log=True,
-    )
+    ok = _draw_val_loss(loss_ax, shown)
     plots.draw(
         fd_ax,
         shown,
@@ -475,15 +474,7 @@ def _plot_lambda(questions, by_cell, path: Path) -> bool:
         title="lam x reg / loss (share of the objective)",
         log=True,
     )
-    ok |= plots.draw(
-        loss_ax,
-        shown,
-        points=val_points,
-        axis="images",
-        key=KEY,
-        title="val loss (EMA), log",
-        log=True,
-    )
+    ok |= _draw_val_loss(loss_ax, shown)
     plots.save_png(fig, path)
     return ok
 
