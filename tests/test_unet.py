@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
 from train.diffusion import Schedule
-from train.unet import PRESETS, UNet, UNetConfig, build_unet, model_cost
+from train.unet import PRESETS, AttnBlock, UNet, UNetConfig, build_unet, model_cost, plain_attention
 
 T = 1000
 
@@ -126,7 +128,8 @@ def test_per_sample_grads_match_loop() -> None:
         out = functional_call(model, p, (xi[None], ti[None]))
         return torch.mean((out - ei[None]) ** 2)
 
-    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(params, x, t, eps)
+    with plain_attention(model):  # as the gradient-variance probe runs it
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(params, x, t, eps)
     for i in range(4):
         model.zero_grad()
         torch.mean((model(x[i : i + 1], t[i : i + 1]) - eps[i : i + 1]) ** 2).backward()
@@ -143,10 +146,42 @@ def test_vmap_with_dropout_needs_randomness() -> None:
     def out_one(p: dict, xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
         return functional_call(model, p, (xi[None], ti[None])).sum()
 
-    grads = vmap(grad(out_one), in_dims=(None, 0, 0), randomness="different")(params, x, t)
-    assert all(torch.isfinite(g).all() and g.shape[0] == 2 for g in grads.values())
-    with pytest.raises(RuntimeError, match="randomness"):
-        vmap(grad(out_one), in_dims=(None, 0, 0))(params, x, t)
+    with plain_attention(model):
+        grads = vmap(grad(out_one), in_dims=(None, 0, 0), randomness="different")(params, x, t)
+        assert all(torch.isfinite(g).all() and g.shape[0] == 2 for g in grads.values())
+        with pytest.raises(RuntimeError, match="randomness"):
+            vmap(grad(out_one), in_dims=(None, 0, 0))(params, x, t)
+
+
+@pytest.mark.parametrize(("preset", "size"), [("tiny", 32), ("small", 32), ("base", 64)])
+def test_fused_and_plain_attention_agree(preset: str, size: int) -> None:
+    """scaled_dot_product_attention (training and sampling) and the matmul-softmax path
+    (torch.func) give the same outputs, and for tiny the same gradients, to 1e-5 of the
+    output's scale (max(1, max |output|), as the export's check)."""
+    model = _perturb(build_unet(preset, size), std=0.1).eval()
+    assert all(block.fused for block in model.modules() if isinstance(block, AttnBlock))
+    x, t = _inputs(2, size)
+    fused = model(x, t)
+    with plain_attention(model):
+        assert not any(block.fused for block in model.modules() if isinstance(block, AttnBlock))
+        plain = model(x, t)
+    assert all(block.fused for block in model.modules() if isinstance(block, AttnBlock))
+    assert fused.abs().max() > 0.5  # attention contributes: the projections are not zero
+    scale = max(1.0, float(plain.abs().max()))
+    print(
+        f"{preset}: max |fused - plain| {float((fused - plain).abs().max()):.3g}, scale {scale:.3g}"
+    )
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5 * scale)
+    if preset != "tiny":
+        return
+    grads = []
+    for path in (contextlib.nullcontext(), plain_attention(model)):
+        model.zero_grad()
+        with path:
+            model(x, t).pow(2).mean().backward()
+        grads.append({name: q.grad.clone() for name, q in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_schedule_tables() -> None:

@@ -8,8 +8,9 @@ Layout, for ``L = len(config.mults)`` resolution levels (level 0 = full resoluti
               -> GroupNorm, SiLU, conv (zero-initialised)
 
 Every residual block sees the timestep through a sinusoidal embedding and an MLP, applied as a
-GroupNorm scale and shift (ADM's ``use_scale_shift_norm``). Attention is written with plain
-``torch.matmul`` and softmax (no fused kernel) so that the model works under ``torch.func.vmap``.
+GroupNorm scale and shift (ADM's ``use_scale_shift_norm``). Attention runs the fused
+``scaled_dot_product_attention``, and plain ``torch.matmul`` and softmax inside `plain_attention`
+(for ``torch.func.vmap`` and ptflops).
 As in DDPM, the last conv of every residual block, every attention output projection and the
 output conv start at zero, so the untrained model is the identity inside each block and predicts
 exactly zero noise.
@@ -20,15 +21,16 @@ Dropout: with ``config.dropout > 0`` and the model in train mode, ``torch.func.v
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ptflops import get_model_complexity_info
 from torch import nn
 
 MIN_BOTTOM_RES = 4
@@ -175,14 +177,17 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Multi-head self-attention over all pixels, with a residual connection.
 
-    Written with ``torch.matmul`` + softmax (not ``F.scaled_dot_product_attention``) so that it
-    runs under ``torch.func.vmap`` and so that ptflops sees the two attention matmuls.
+    It runs ``F.scaled_dot_product_attention`` (the fused kernel where the device has one);
+    inside `plain_attention` it is written out as ``torch.matmul`` and softmax, which
+    ``torch.func.vmap`` (per-sample gradients) and ptflops (it counts both matmuls) need. The two
+    paths compute the same attention (to float rounding).
     """
 
     def __init__(self, channels: int, heads: int, groups: int) -> None:
         """``heads`` must divide ``channels``; the output projection starts at zero."""
         super().__init__()
         self.heads = heads
+        self.fused = True
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
@@ -190,14 +195,33 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, H, W)."""
         b, c, height, width = x.shape
-        d = c // self.heads
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, d, height * width)
-        q, k, v = qkv.unbind(dim=1)  # each (B, heads, d, N)
+        d, n = c // self.heads, height * width
+        qkv = self.qkv(self.norm(x))
+        if self.fused:  # q, k, v as (B, heads, N, d) with d contiguous, as the fused kernels want
+            qkv = qkv.reshape(b, 3 * c, n).transpose(1, 2).contiguous()
+            q, k, v = qkv.view(b, n, 3, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v)  # scale 1 / sqrt(d)
+            return x + self.proj(out.transpose(-1, -2).reshape(b, c, height, width))
+        q, k, v = qkv.reshape(b, 3, self.heads, d, n).unbind(dim=1)  # each (B, heads, d, N)
         scale = d**-0.25  # split between q and k: keeps the logits small in half precision
         logits = torch.matmul((q * scale).transpose(-1, -2), k * scale)  # (B, heads, N, N)
         weights = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
         out = torch.matmul(v, weights.transpose(-1, -2))  # (B, heads, d, N)
         return x + self.proj(out.reshape(b, c, height, width))
+
+
+@contextlib.contextmanager
+def plain_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every attention block on its matmul-and-softmax path for the duration."""
+    blocks = [m for m in model.modules() if isinstance(m, AttnBlock)]
+    before = [block.fused for block in blocks]
+    for block in blocks:
+        block.fused = False
+    try:
+        yield model
+    finally:
+        for block, fused in zip(blocks, before, strict=True):
+            block.fused = fused
 
 
 class Block(nn.Module):
@@ -388,8 +412,11 @@ def model_cost(model: UNet, image_size: int) -> tuple[int, int]:
     Uses ptflops' ``aten`` backend, which counts every convolution, linear layer and matmul
     (both attention matmuls included) at the dispatcher level, and nothing else (norms,
     activations and additions are not MACs). That backend leaves forward hooks on the
-    modules it measures, so it runs on a deep copy and ``model`` is left untouched.
+    modules it measures, so it runs on a deep copy and ``model`` is left untouched. Attention is
+    counted on its plain path (`plain_attention`): ptflops does not see inside the fused kernel.
     """
+    from ptflops import get_model_complexity_info  # here: the GPU check's image has no ptflops
+
     probe = copy.deepcopy(model)
     param = next(probe.parameters())
 
@@ -398,7 +425,7 @@ def model_cost(model: UNet, image_size: int) -> tuple[int, int]:
         t = torch.zeros(1, dtype=torch.long, device=param.device)
         return {"x": x, "t": t}
 
-    with torch.no_grad():
+    with torch.no_grad(), plain_attention(probe):
         macs, params = get_model_complexity_info(
             probe,
             (model.in_channels, image_size, image_size),
