@@ -579,3 +579,31 @@ def test_a_missing_shard_of_a_fixed_set_is_one_line(build, tmp_path, capsys, spl
     every = ("--val-every", "2") if split == "val" else ("--diag-every", "2", "--probe-size", "4")
     code, err = run_main(args(copy, tmp_path / "run", "--max-steps", "3", *every), capsys)
     assert code == 2 and first.name in one_line(err) and "Traceback" not in err
+
+
+def test_resume_of_a_former_layout_is_refused_naming_the_version(tmp_path, monkeypatch):
+    """A checkpoint whose preset had another layout in an earlier version (unet.FORMER_LAYOUTS):
+    one line naming the version, before any other comparison."""
+    from dataclasses import asdict
+
+    from train import setup, unet
+    from train.distributed import World
+    from train.options import TrainConfig
+
+    former = unet.UNetConfig(**{**asdict(unet.PRESETS["tiny"]), "channels": 16, "groups": 4})
+    monkeypatch.setitem(unet.FORMER_LAYOUTS, "tiny", (("0.0", former),))
+    out = tmp_path / "run"
+    out.mkdir()
+    config = {"preset": "tiny", "unet": asdict(former)}  # tuples, as a checkpoint holds them
+    state = {"model": {}, "ema": {}, "optimizer": {}, "step": 3, "epoch": 0, "images": 3}
+    checkpoint.save(out, 3, {**state, "wall_s": 1.0, "config": config}, keep=1)
+    world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+    resolved = {"preset": "tiny", "unet": json.loads(json.dumps(asdict(unet.PRESETS["tiny"])))}
+    with pytest.raises(CheckpointError, match="layout of framebridge 0.0") as info:
+        setup._resume_state(TrainConfig(out=str(out), preset="tiny"), world, out, resolved)
+    assert "\n" not in str(info.value) and "--no-resume" in str(info.value)
+    # a layout no version had: refused in one line too, showing both
+    monkeypatch.setitem(unet.FORMER_LAYOUTS, "tiny", ())
+    with pytest.raises(CheckpointError, match="is not this version's") as info:
+        setup._resume_state(TrainConfig(out=str(out), preset="tiny"), world, out, resolved)
+    assert "'channels': 16" in str(info.value) and "\n" not in str(info.value)
