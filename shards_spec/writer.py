@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import io
 import json
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -99,6 +102,45 @@ def _prepare(sample: dict) -> dict:
     return out
 
 
+_TAR_WRITER: type | None = None
+
+
+def tar_writer() -> type:
+    """webdataset's own ``TarWriter`` class, without importing torch when it can.
+
+    ``import webdataset`` runs the package's ``__init__``, which imports its data-loading half
+    and with it torch (about 1.8 s of a shard worker's first shard, for a class that needs only
+    ``tarfile``). ``webdataset.writer`` itself imports only ``gopen`` and ``utils`` (numpy,
+    braceexpand), so when webdataset is not imported yet the writer module is loaded under a bare
+    package object (its ``__init__`` not run), and the bare package and its submodules are taken
+    out of ``sys.modules`` again: a later ``import webdataset`` anywhere in the process imports
+    the whole package as usual. Where webdataset is already imported, its ``TarWriter`` is used.
+    """
+    global _TAR_WRITER
+    if _TAR_WRITER is not None:
+        return _TAR_WRITER
+    if "webdataset" in sys.modules:
+        import webdataset
+
+        _TAR_WRITER = webdataset.TarWriter
+        return _TAR_WRITER
+    spec = importlib.util.find_spec("webdataset")
+    if spec is not None and spec.submodule_search_locations is not None:
+        try:
+            sys.modules["webdataset"] = importlib.util.module_from_spec(spec)
+            _TAR_WRITER = importlib.import_module("webdataset.writer").TarWriter
+        except Exception:  # a webdataset whose writer needs its package: import it whole
+            pass
+        finally:
+            for name in [n for n in sys.modules if n.partition(".")[0] == "webdataset"]:
+                del sys.modules[name]
+    if _TAR_WRITER is None:
+        import webdataset
+
+        _TAR_WRITER = webdataset.TarWriter
+    return _TAR_WRITER
+
+
 def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> dict:
     """Write samples to a deterministic, uncompressed tar at `path` (atomically).
 
@@ -106,13 +148,12 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict]) -> dict:
     written in the order given; members inside a sample are sorted by extension (webdataset's
     TarWriter order). Returns ``{"path", "sha256", "bytes", "samples"}``.
     """
-    import webdataset as wds  # imported here: it pulls in torch, which index/manifest writers skip
-
+    writer_class = tar_writer()
     count = 0
     seen: set[str] = set()
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as stream:
-            writer = wds.TarWriter(
+            writer = writer_class(
                 stream,
                 user=TAR_USER,
                 group=TAR_GROUP,
