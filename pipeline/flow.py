@@ -70,9 +70,9 @@ class OpenCVFlow:
             self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
 
     @staticmethod
-    def prepare(frame: np.ndarray) -> np.ndarray:
-        """RGB frame -> what :meth:`calc` takes (grayscale); done once per frame."""
-        return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+    def prepare(frame: np.ndarray, bgr: bool = False) -> np.ndarray:
+        """RGB (BGR with ``bgr``) frame -> what :meth:`calc` takes (grayscale); once per frame."""
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
 
     def calc(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Flow (H, W, 2) from prepared frame ``a`` to prepared frame ``b``."""

@@ -53,7 +53,8 @@ class FrameSpec:
 
 @dataclass
 class Prepared:
-    """A frame ready for writing (``out``, RGB) and for flow (``flow``, RGB at flow size)."""
+    """A frame ready for writing (``out``) and for flow (``flow``, at flow size), in the channel
+    order it was given in (RGB, or BGR with ``prepare(..., bgr=True)``)."""
 
     out: np.ndarray
     flow: np.ndarray
@@ -81,8 +82,9 @@ def _decode(data: bytes, flags: int) -> np.ndarray | None:
     return img if img is not None and img.size else None
 
 
-def read_image(path: str) -> tuple[np.ndarray | None, str | None]:
-    """Decode an image file to RGB uint8, or give the reason it cannot be used."""
+def read_image(path: str, bgr: bool = False) -> tuple[np.ndarray | None, str | None]:
+    """Decode an image file to RGB uint8 (BGR, OpenCV's own order, with ``bgr``), or give the
+    reason it cannot be used."""
     data, reason = _read(path, MISSING_IMAGE, EMPTY_FILE, READ_ERROR)
     if data is None:
         return None, reason
@@ -91,7 +93,7 @@ def read_image(path: str) -> tuple[np.ndarray | None, str | None]:
     img = _decode(data, cv2.IMREAD_COLOR)
     if img is None or img.ndim != 3:
         return None, CORRUPT_IMAGE
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
+    return (img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)), None
 
 
 def _jpeg_complete(data: bytes) -> bool:
@@ -112,10 +114,11 @@ def read_mask(path: str | None) -> tuple[np.ndarray | None, str | None]:
     return threshold_mask(m), None
 
 
-def threshold_mask(m: np.ndarray) -> np.ndarray:
+def threshold_mask(m: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """A grey (or RGB, BGR with ``bgr``) uint8 mask -> 0/255: 255 where above 127."""
     if m.ndim == 3:
-        m = cv2.cvtColor(m, cv2.COLOR_RGB2GRAY)
-    return np.where(m > 127, 255, 0).astype(np.uint8)
+        m = cv2.cvtColor(m, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
+    return cv2.threshold(m, 127, 255, cv2.THRESH_BINARY)[1]
 
 
 def center_crop(img: np.ndarray) -> np.ndarray:
@@ -132,24 +135,41 @@ def resize(img: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(img, (side, side), interpolation=interp)
 
 
+def _has_foreground(mask: np.ndarray) -> bool:
+    if mask.ndim == 2 and mask.dtype == np.uint8:
+        return cv2.countNonZero(mask) > 0
+    return bool(mask.any())
+
+
 def prepare(
-    rgb: np.ndarray, mask: np.ndarray | None, spec: FrameSpec
+    rgb: np.ndarray,
+    mask: np.ndarray | None,
+    spec: FrameSpec,
+    *,
+    bgr: bool = False,
+    keep_mask: bool = True,
 ) -> tuple[Prepared | None, str | None]:
-    """Mask, crop and resize one decoded frame."""
+    """Mask, crop and resize one decoded frame (RGB; BGR with ``bgr``: the background colour is
+    then given in that order). The output-size mask is made only with ``keep_mask``."""
+    square = center_crop(rgb)
+    out_mask = None
     if mask is not None:
         if mask.shape[:2] != rgb.shape[:2]:
             return None, MASK_SIZE
-        if not mask.any():
+        if not _has_foreground(mask):
             return None, EMPTY_MASK
-        rgb = np.where(mask[..., None] > 0, rgb, np.asarray(spec.bg, np.uint8))
         mask = center_crop(mask)
-    square = center_crop(rgb)
+        # the background where the mask is 0, the frame elsewhere (on the square only: the
+        # pixels the crop drops are never used)
+        filled = np.empty(square.shape, np.uint8)
+        filled[:] = spec.bg[::-1] if bgr else spec.bg
+        where = mask if mask.dtype == np.uint8 else (mask > 0).astype(np.uint8)
+        square = cv2.copyTo(square, where, filled)
+        if keep_mask:
+            out_mask = threshold_mask(resize(mask, spec.size))
     out = resize(square, spec.size)
     # flow at --flow-size, else at the source side rounded down to a multiple of 8 (RAFT's grid)
     flow = resize(square, spec.flow_size or square.shape[0] // 8 * 8)
-    out_mask = None
-    if mask is not None:
-        out_mask = np.where(resize(mask, spec.size) > 127, 255, 0).astype(np.uint8)
     return Prepared(np.ascontiguousarray(out), np.ascontiguousarray(flow), out_mask), None
 
 
@@ -174,9 +194,10 @@ def _prop(cap, prop: int) -> float:
 
 
 def iter_video(
-    path: str, stride: int = 1, max_failures: int = MAX_GRAB_FAILURES
+    path: str, stride: int = 1, max_failures: int = MAX_GRAB_FAILURES, bgr: bool = False
 ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-    """Decode a video sequentially to its real end: (frame_id, RGB or None, reason).
+    """Decode a video sequentially to its real end: (frame_id, RGB or None, reason); frames
+    come in OpenCV's BGR order with ``bgr``.
 
     Every frame id from 0 to the last one given is yielded exactly once, in order, and no frame
     is yielded twice. Without a failed grab, ids count the frames the stream gave (timestamps
@@ -238,7 +259,7 @@ def iter_video(
             except Exception:
                 ok, img = False, None
             if ok and img is not None and img.ndim == 3 and img.size:
-                yield fid, cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
+                yield fid, (img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)), None
             else:
                 yield fid, None, UNREADABLE_VIDEO_FRAME
     finally:

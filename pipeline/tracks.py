@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline import frames as fr
@@ -77,21 +78,22 @@ def load_meta(cache: Path, track: Track, opts: TrackOptions) -> dict | None:
     return meta
 
 
-def _inputs(track: Track) -> Iterator[Decoded]:
-    """Every input frame of the track, in order, decoded lazily, with its mask."""
+def _inputs(track: Track, bgr: bool = False) -> Iterator[Decoded]:
+    """Every input frame of the track, in order, decoded lazily, with its mask (frames in RGB,
+    or in OpenCV's BGR order with ``bgr``)."""
     if track.kind == "video":
-        yield from _video_inputs(track)
+        yield from _video_inputs(track, bgr)
         return
     for i, fid in enumerate(track.ids):
         path = track.frame_path(i)
-        rgb, reason = fr.read_image(path)
+        rgb, reason = fr.read_image(path, bgr)
         mask, mask_reason = (None, None)
         if track.mask_dir is not None and reason is None:
             mask, mask_reason = fr.read_mask(track.mask_path(i))
         yield fid, path, rgb, reason, mask, mask_reason
 
 
-def _video_inputs(track: Track) -> Iterator[Decoded]:
+def _video_inputs(track: Track, bgr: bool = False) -> Iterator[Decoded]:
     """Every frame id of a video, in order, with its mask (by frame id, never by position)."""
     masks: Iterator | None = None
     mask_files: dict[int, str] | None = None
@@ -99,10 +101,10 @@ def _video_inputs(track: Track) -> Iterator[Decoded]:
         if os.path.isdir(track.mask_video):
             mask_files = numbered_images(track.mask_video).by_id
         else:
-            masks = fr.iter_video(track.mask_video, track.stride)
+            masks = fr.iter_video(track.mask_video, track.stride, bgr=bgr)
     pending = (-1, None, None)  # the mask video's next frame not yet matched; None: it ended
     n = 0
-    for fid, rgb, reason in fr.iter_video(track.dir, track.stride):
+    for fid, rgb, reason in fr.iter_video(track.dir, track.stride, bgr=bgr):
         n = fid + 1
         mask, mask_reason = None, None
         if masks is not None:
@@ -111,7 +113,7 @@ def _video_inputs(track: Track) -> Iterator[Decoded]:
             if pending is None or pending[0] != fid:
                 mask_reason = fr.MISSING_MASK
             elif pending[1] is not None:
-                mask = fr.threshold_mask(pending[1])
+                mask = fr.threshold_mask(pending[1], bgr)
             elif reason is None:
                 mask_reason = fr.CORRUPT_MASK
         elif mask_files is not None and reason is None:
@@ -160,14 +162,17 @@ class _Clips:
 
 
 class CpuPairs:
-    """Flow of each pair as soon as its second frame arrives (DIS, Farneback)."""
+    """Flow of each pair as soon as its second frame arrives (DIS, Farneback).
+
+    ``push`` takes each kept frame at flow size in BGR order, as :func:`process_track` has it.
+    """
 
     def __init__(self, flow, keep_flow: int):
         self.flow, self.keep_flow = flow, keep_flow
         self.prev = None
 
     def push(self, clips: _Clips, continues: bool, frame: np.ndarray) -> None:
-        cur = self.flow.prepare(frame)
+        cur = self.flow.prepare(frame, bgr=True)
         if continues:
             field = self.flow.calc(self.prev, cur)
             stored = downsample_flow(field, self.keep_flow) if self.keep_flow else None
@@ -183,7 +188,8 @@ class ChunkedPairs:
 
     ``submit(frames) -> handle`` starts the flow of the pairs of consecutive ``frames``;
     ``fetch(handle) -> (msq list, stored fields or None)`` waits for it. Chunks overlap by one
-    frame so every pair is computed once; at most ``depth`` chunks are in flight.
+    frame so every pair is computed once; at most ``depth`` chunks are in flight. ``push``
+    takes BGR frames, as :func:`process_track` has them; ``submit`` gets them in RGB.
     """
 
     def __init__(self, submit, fetch, chunk: int = 32, depth: int = 2):
@@ -194,6 +200,7 @@ class ChunkedPairs:
         self.pending: list[tuple[int, object]] = []
 
     def push(self, clips: _Clips, continues: bool, frame: np.ndarray) -> None:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)  # RAFT reads RGB
         if not continues:  # a new clip: flush what is left of the previous one
             self._flush(clips)
             self.clip, self.buf = clips.current, [frame]
@@ -235,7 +242,9 @@ def process_track(cache: Path, track: Track, opts: TrackOptions, pairs) -> dict:
     n_input = 0
     shape = None  # (h, w) of the track's first usable frame
     flow_side = 0
-    for fid, path, rgb, reason, mask, mask_reason in _inputs(track):
+    # frames stay in OpenCV's BGR order from decode to PNG (one colour conversion per frame: to
+    # grey for the CPU flow)
+    for fid, path, img, reason, mask, mask_reason in _inputs(track, bgr=True):
         n_input += 1
         if reason == FRAME_STRIDE:  # left out by --frame-stride: no gap in the kept sequence
             skipped.append([path, fid, reason])
@@ -243,16 +252,16 @@ def process_track(cache: Path, track: Track, opts: TrackOptions, pairs) -> dict:
         prepared = None
         if reason is None:
             reason = mask_reason
-        if reason is None and shape is not None and rgb.shape[:2] != shape:
+        if reason is None and shape is not None and img.shape[:2] != shape:
             reason = fr.FRAME_SIZE
         if reason is None:
-            prepared, reason = fr.prepare(rgb, mask, opts.spec)
+            prepared, reason = fr.prepare(img, mask, opts.spec, bgr=True, keep_mask=opts.keep_mask)
         if prepared is None:
             skipped.append([path, fid, reason])
             clips.open = False
             continue
-        shape = shape or rgb.shape[:2]
-        png = encode_png(prepared.out)
+        shape = shape or img.shape[:2]
+        png = encode_png(prepared.out, bgr=True)
         entry = [fid, len(frames), len(png)]
         frames += png
         if opts.keep_mask and prepared.mask is not None:

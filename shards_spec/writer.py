@@ -47,13 +47,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, dumps_json(obj).encode("utf-8"))
 
 
-def encode_png(img: np.ndarray) -> bytes:
-    """Encode an RGB ``HxWx3`` or grey ``HxW`` uint8 image as PNG bytes (deterministic)."""
+def encode_png(img: np.ndarray, bgr: bool = False) -> bytes:
+    """Encode an RGB ``HxWx3`` or grey ``HxW`` uint8 image as PNG bytes (deterministic).
+
+    With ``bgr`` a colour image is in OpenCV's BGR order already (no conversion is needed); the
+    PNG holds RGB either way.
+    """
     img = np.asarray(img)
     if img.dtype != np.uint8:
         raise SpecError(f"encode_png needs uint8 pixels, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        if not bgr:
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     elif img.ndim != 2:
         raise SpecError(f"encode_png needs HxWx3 RGB or HxW grey, got shape {img.shape}")
     ok, buf = cv2.imencode(
