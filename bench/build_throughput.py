@@ -8,10 +8,14 @@ All three are measured side by side in one run on the same synthetic dataset:
 * ideal: the sum of each stage's per-frame cost measured in isolation, times the frame count,
   divided by the cores: what perfect parallelism with zero overhead would give;
 * machine bound: the naive time divided by how much faster `cores` plain processes do the
-  per-frame work than one (measured here): what this machine allows any framework.
+  per-frame work than one (measured here): what this machine allows any framework;
+* per-frame floor: stage 1's work on a few tracks (decode, mask, crop/resize, PNG encode, DIS
+  flow, flow_msq, the encoded frames written to a file) as bare OpenCV calls in a plain loop,
+  against `process_track` on the same tracks in the same process (alternating, medians).
 
 Prints frames/s for each and the ratios build/naive and ideal/build (efficiency). Run:
     .venv/bin/python bench/build_throughput.py [--sequences 12 --frames 180 --repeats 3]
+    [--per-frame-only]
 """
 
 from __future__ import annotations
@@ -67,6 +71,98 @@ def naive_build(cfg: b.BuildConfig, out: Path) -> float:
     return time.perf_counter() - t
 
 
+def _floor_tracks(cfg: b.BuildConfig, frames: int) -> tuple[list, FrameSpec]:
+    """The first tracks of the set holding at least ``frames`` frames, and the frame spec."""
+    disc = b.discover(cfg, progress=False)
+    spec = FrameSpec(cfg.size, cfg.flow_size or default_flow_size(disc.tracks), parse_bg(cfg.bg))
+    picked, n = [], 0
+    for tr in disc.tracks:
+        if n >= frames:
+            break
+        picked.append(tr)
+        n += len(tr.ids)
+    return picked, spec
+
+
+def bare_floor(tracks: list, spec: FrameSpec, out: Path) -> float:
+    """Stage 1's per-frame work as bare OpenCV calls in a plain loop. Returns seconds.
+
+    Per frame: imread (frame, grey mask), threshold, centre crop, background fill + masked copy,
+    INTER_AREA resize, PNG encode, grey conversion, DIS, flow_msq (float32 dot); per track the
+    PNG bytes written to one file. No skip checks, no bookkeeping: the floor for that work.
+    """
+    import cv2
+    import numpy as np
+
+    cv2.setNumThreads(1)
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    png_args = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    bg = np.asarray(spec.bg[::-1], np.uint8)
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    for tr in tracks:
+        pngs, msq, prev = [], [], None
+        for i in range(len(tr.ids)):
+            img = cv2.imread(tr.frame_path(i), cv2.IMREAD_COLOR)
+            m = cv2.imread(tr.mask_path(i), cv2.IMREAD_GRAYSCALE)
+            m = cv2.threshold(m, 127, 255, cv2.THRESH_BINARY)[1]
+            h, w = img.shape[:2]
+            s = min(h, w)
+            y, x = (h - s) // 2, (w - s) // 2
+            sq = np.empty((s, s, 3), np.uint8)
+            sq[:] = bg
+            cv2.copyTo(img[y : y + s, x : x + s], m[y : y + s, x : x + s], sq)
+            small = cv2.resize(sq, (spec.size, spec.size), interpolation=cv2.INTER_AREA)
+            pngs.append(cv2.imencode(".png", small, png_args)[1].tobytes())
+            fs = spec.flow_size or s // 8 * 8
+            interp = cv2.INTER_AREA if s > fs else cv2.INTER_LINEAR
+            fl = sq if fs == s else cv2.resize(sq, (fs, fs), interpolation=interp)
+            gray = cv2.cvtColor(fl, cv2.COLOR_BGR2GRAY)
+            if prev is not None:
+                f = dis.calc(prev, gray, None).reshape(-1)
+                msq.append(float(np.dot(f, f)) / (f.size // 2))
+            prev = gray
+        (out / f"{tr.track_id}.bin").write_bytes(b"".join(pngs))
+    return time.perf_counter() - t
+
+
+def stage_one(tracks: list, spec: FrameSpec, out: Path) -> float:
+    """``process_track`` (what a stage-1 task runs) on the same tracks. Returns seconds."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    flow = OpenCVFlow("dis")
+    opts = TrackOptions(spec)
+    t = time.perf_counter()
+    for tr in tracks:
+        process_track(out, tr, opts, CpuPairs(flow, 0))
+    return time.perf_counter() - t
+
+
+def per_frame_floor(cfg: b.BuildConfig, base: Path, frames: int = 600, repeats: int = 5) -> dict:
+    """Per-frame seconds of stage 1 and of the bare OpenCV floor, alternating; medians."""
+    tracks, spec = _floor_tracks(cfg, frames)
+    n = sum(len(tr.ids) for tr in tracks)
+    stage, floor = [], []
+    for _ in range(repeats):
+        shutil.rmtree(base / "floor", ignore_errors=True)
+        floor.append(bare_floor(tracks, spec, base / "floor") / n)
+        shutil.rmtree(base / "stage1", ignore_errors=True)
+        stage.append(stage_one(tracks, spec, base / "stage1") / n)
+    return {"frames": n, "stage_runs": stage, "floor_runs": floor,
+            "stage": statistics.median(stage), "floor": statistics.median(floor)}  # fmt: skip
+
+
+def _print_floor(pf: dict) -> None:
+    print(f"per-frame stage vs bare OpenCV floor ({pf['frames']} frames, medians of "
+          f"{len(pf['stage_runs'])} alternating runs):")  # fmt: skip
+    print(f"  process_track {pf['stage'] * 1e3:6.2f} ms/frame "
+          f"(runs {', '.join(f'{v * 1e3:.2f}' for v in pf['stage_runs'])})")  # fmt: skip
+    print(f"  bare OpenCV   {pf['floor'] * 1e3:6.2f} ms/frame "
+          f"(runs {', '.join(f'{v * 1e3:.2f}' for v in pf['floor_runs'])})")  # fmt: skip
+    print(f"  stage / floor {pf['stage'] / pf['floor']:.3f}x  (target <= 1.15x)")
+
+
 def _frame_work(cfg: b.BuildConfig, n: int) -> tuple[dict[str, float], list]:
     """Per-frame seconds of each stage of stage 1, each stage timed alone on ``n`` frames."""
     import cv2
@@ -108,8 +204,9 @@ def stage_costs(cfg: b.BuildConfig, n: int = 150) -> dict[str, float]:
         }  # fmt: skip
         for i in range(n)
     ]
-    import webdataset  # noqa: F401 - a one-off import per worker, not a per-window cost
+    from shards_spec.writer import tar_writer
 
+    tar_writer()  # a one-off import per worker, not a per-window cost
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         write_shard(Path(d) / "s.tar", samples)
@@ -143,6 +240,10 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=180)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--floor-frames", type=int, default=600)
+    ap.add_argument("--floor-repeats", type=int, default=3)
+    ap.add_argument("--per-frame-only", action="store_true",
+                    help="only the per-frame stage against the bare OpenCV floor")  # fmt: skip
     args = ap.parse_args()
     cores = os.cpu_count() or 1
 
@@ -154,6 +255,12 @@ def main() -> None:
 
     for p in root.rglob("*.jpg"):  # warm the page cache so no run pays for the first read
         p.read_bytes()
+    floor = per_frame_floor(cfg, base, args.floor_frames, args.floor_repeats)
+    if args.per_frame_only:
+        _print_floor(floor)
+        if not args.workdir:
+            shutil.rmtree(base, ignore_errors=True)
+        return
     costs = stage_costs(cfg)
     scaling = parallel_scaling(cfg, cores)
 
@@ -208,12 +315,13 @@ def main() -> None:
           f"(the machine's own ceiling); build wall / machine bound: "
           f"{naive_s / scaling / build_s:.0%}")  # fmt: skip
     print(f"naive and Ray outputs identical (index, manifest): {identical}")
+    _print_floor(floor)
     result = {
         "frames": frames, "windows": windows, "cores": cores, "naive_s": naive_s,
         "build_s": build_s, "stages_s": stages_s, "naive_runs": naive_runs,
         "build_runs": build_runs, "stage_runs": stage_runs, "ideal_s": ideal_s,
         "stage_costs_ms": {k: v * 1e3 for k, v in costs.items()}, "parallel_scaling": scaling,
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(cfg), "per_frame_floor": floor,
     }  # fmt: skip
     (base / "throughput.json").write_text(json.dumps(result, indent=2))
     if not args.workdir:
