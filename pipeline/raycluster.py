@@ -68,7 +68,7 @@ def ray_session(address: str | None = None, workers: int | None = None) -> Itera
         cluster = True
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
-        with _single_node():
+        with _single_node(), _processes_only():
             ray.init(
                 address="local",
                 num_cpus=workers,
@@ -151,6 +151,30 @@ def _single_node() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = saved_env
+
+
+@contextlib.contextmanager
+def _processes_only() -> Iterator[None]:
+    """Start a local Ray without the processes a one-machine build never uses.
+
+    A head node starts, besides its GCS and raylet, the autoscaler's monitor and an API server
+    (the dashboard's backend, started even without the dashboard, for the state and job APIs).
+    Neither serves a local build, and on a 2-core machine their start-up CPU competes with the
+    workers. Ray has no public switch for either, so for the span of ``ray.init`` the two
+    private ``Node`` methods that start them do nothing. Were they renamed in a later Ray, the
+    patch is skipped and Ray starts them as before.
+    """
+    from ray._private.node import Node
+
+    names = [n for n in ("start_monitor", "start_api_server") if hasattr(Node, n)]
+    saved = {n: Node.__dict__[n] for n in names if n in Node.__dict__}
+    for n in saved:
+        setattr(Node, n, lambda self, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(Node, n, fn)
 
 
 def _started_here() -> bool:
