@@ -40,7 +40,7 @@ from pipeline.sources import (  # noqa: F401 - discover and synthetic_root re-ex
     synthetic_root,
 )
 from pipeline.tracks import ChunkedPairs, CpuPairs, TrackOptions, load_meta, process_track
-from shards_spec.format import INDEX_NAME, MANIFEST_NAME, SKIPPED_NAME, SUMMARY_NAME
+from shards_spec.format import INDEX_NAME, MANIFEST_NAME, SKIPPED_NAME, SPEC_VERSION, SUMMARY_NAME
 from shards_spec.writer import atomic_write_json
 
 CACHE = ".cache"  # OUT/.cache/{track_id}: stage-1 results, kept for later builds (--drop-cache)
@@ -102,11 +102,13 @@ class FlowActor:
         self.flow = fl.RaftFlow(raft)
 
     def run(self, frames, keep_flow: int):
-        """Pairs of consecutive ``frames`` -> (flow_msq per pair, stored fields or None)."""
+        """Pairs of consecutive ``frames`` -> (flow_msq per pair, flow_mag per pair, stored
+        fields or None)."""
         fields = self.flow.pairs(frames)
         msq = [fl.flow_msq(f) for f in fields]
+        mag = [fl.flow_mag(f) for f in fields]
         stored = [fl.downsample_flow(f, keep_flow) for f in fields] if keep_flow else None
-        return msq, stored
+        return msq, mag, stored
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES)
@@ -201,7 +203,7 @@ def _flow_actors(requested: int | None, res: Resources) -> int:
 
 def _identity(cfg: BuildConfig, disc: Discovery, backend: str, flow_size: int) -> dict:
     config = {**dataclasses.asdict(cfg), "flow": backend, "flow_size": flow_size}
-    return {"config": config, "fingerprint": disc.fingerprint}
+    return {"config": config, "fingerprint": disc.fingerprint, "spec_version": SPEC_VERSION}
 
 
 def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
@@ -209,15 +211,18 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
 
     A finished build of another configuration or other source data is refused unless
     ``overwrite``; an unfinished one of the same configuration is resumed (its shards are kept
-    only if the source data is unchanged). The track cache is never removed here: each entry
-    carries its own key and is recomputed when that no longer matches.
+    only if the source data is unchanged, and only if this code writes the same shard spec
+    version; a finished build of another version is refused unless ``overwrite``). The track
+    cache is never removed here: each entry carries its own key and is recomputed when that no
+    longer matches.
     """
     work = out / ".work"
     previous = None
     if (out / MANIFEST_NAME).is_file():
         try:
             m = json.loads((out / MANIFEST_NAME).read_text())
-            previous = {"config": m.get("build_config"), "fingerprint": m["source"]["fingerprint"]}
+            previous = {"config": m.get("build_config"), "fingerprint": m["source"]["fingerprint"],
+                        "spec_version": m.get("spec_version")}  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError):
             previous = {"config": None, "fingerprint": None}
     elif (work / "config.json").is_file():
@@ -244,6 +249,12 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
         raise BuildError(
             f"{out} holds a build of other source data (files were added, removed or "
             "changed since); pass --overwrite to rebuild it (unchanged tracks are reused)"
+        )
+    old_spec = previous.get("spec_version") if previous is not None else None
+    if finished and same_config and old_spec != SPEC_VERSION and not overwrite:
+        raise BuildError(
+            f"{out} holds a build of shard spec {old_spec}; this code writes {SPEC_VERSION}: pass "
+            "--overwrite to rebuild it (tracks cached before spec 1.1 are processed again once)"
         )
     if previous is not None and previous != identity:
         for name in (*BUILD_FILES, *SPLITS):

@@ -1,7 +1,8 @@
 """Optical-flow backends and the flow proximity of the paper (sec. 3.4).
 
 ``flow_msq`` of a pair is the mean over pixels of |F|^2, in pixels^2 at the flow resolution;
-its weight, ``exp(-flow_msq / sigma)``, is :func:`shards_spec.format.flow_weight`.
+its weight, ``exp(-flow_msq / sigma)``, is :func:`shards_spec.format.flow_weight`. ``flow_mag``
+is the mean over pixels of |F| = sqrt(u^2 + v^2), in pixels at the flow resolution (spec 1.1).
 """
 
 from __future__ import annotations
@@ -37,6 +38,28 @@ def flow_msq(flow: np.ndarray) -> float:
     """Mean squared flow magnitude of one (H, W, 2) or (2, H, W) field, in pixels^2."""
     f = np.ascontiguousarray(flow, dtype=np.float32).reshape(-1)
     return float(np.dot(f, f)) / (f.size // 2) if f.size else 0.0
+
+
+def flow_mag(flow: np.ndarray) -> float:
+    """Mean flow magnitude |F| = sqrt(u^2 + v^2) of one (H, W, 2) or (2, H, W) field, in pixels.
+
+    A 3-d array whose last axis has length 2 is read as (H, W, 2), otherwise as (2, H, W).
+    """
+    f = np.asarray(flow, dtype=np.float32)
+    if f.size == 0:
+        return 0.0
+    if f.ndim == 3 and f.shape[-1] == 2:
+        u, v = f[..., 0], f[..., 1]
+    elif f.shape[0] == 2:
+        u, v = f[0], f[1]
+    else:
+        raise ValueError(f"flow_mag needs an (H, W, 2) or (2, H, W) field, got {f.shape}")
+    return float(np.sqrt(u * u + v * v).mean(dtype=np.float64))
+
+
+def pair_values(flow: np.ndarray) -> tuple[float, float]:
+    """(flow_msq, flow_mag) of one field: what each adjacent pair records."""
+    return flow_msq(flow), flow_mag(flow)
 
 
 def resolve_backend(name: str, gpus: float) -> str:

@@ -1,4 +1,5 @@
-"""Look at a build: counts per split, a flow_msq histogram and a grid of random windows."""
+"""Look at a build: counts per split, flow_msq (and flow_mag) histograms and a grid of random
+windows."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
 from shards_spec.atomic import atomic_write_bytes
+from shards_spec.format import has_flow_mag
 from shards_spec.reader import decode_sample, open_build, pair_values
 from shards_spec.writer import encode_png
 
@@ -21,25 +23,46 @@ BAND = 20  # height of the text bands above and below each row
 HIST_BINS = 40
 
 
-def _hist_png(values_by_split: dict[str, list[float]], sigma: float) -> tuple[bytes, dict]:
+def _hist_panel(ax, values_by_split: dict[str, np.ndarray], mark: float, label: str,
+                xlabel: str) -> dict:  # fmt: skip
+    """One histogram per split on ``ax`` with a dashed line at ``mark``; its bins and counts."""
     every = np.concatenate([np.asarray(v, float) for v in values_by_split.values()] or [[]])
     top = float(np.percentile(every, 99.5)) if every.size else 1.0
-    edges = np.linspace(0.0, max(top, sigma * 2, 1e-6), HIST_BINS + 1)
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.subplots()
+    edges = np.linspace(0.0, max(top, mark * 2, 1e-6), HIST_BINS + 1)
     counts = {}
     for split, values in values_by_split.items():
         clipped = np.clip(np.asarray(values, float), edges[0], edges[-1])
         counts[split] = np.histogram(clipped, bins=edges)[0].tolist()
         ax.hist(clipped, bins=edges, histtype="step", label=f"{split} ({len(values)} pairs)")
-    ax.axvline(sigma, color="k", linestyle="--", linewidth=1, label=f"sigma = {sigma:.3g}")
-    ax.set_xlabel("flow_msq (pixels^2 at flow_size; last bin holds the tail)")
+    ax.axvline(mark, color="k", linestyle="--", linewidth=1, label=f"{label} = {mark:.3g}")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("pairs")
     ax.legend(fontsize=8)
+    return {"bins": edges.tolist(), "counts": counts}
+
+
+def _hist_png(
+    msq_by_split: dict[str, np.ndarray],
+    sigma: float,
+    mag_by_split: dict[str, np.ndarray] | None = None,
+    mag_median: float | None = None,
+) -> tuple[bytes, dict, dict | None]:
+    """The flow_msq histogram, and beside it the flow_mag one when the build has flow_mag."""
+    panels = 1 if mag_by_split is None else 2
+    fig = Figure(figsize=(6 * panels, 3.5), dpi=100)
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    tail = "last bin holds the tail"
+    hist = _hist_panel(axes[0], msq_by_split, sigma, "sigma",
+                       f"flow_msq (pixels^2 at flow_size; {tail})")  # fmt: skip
+    mag_hist = None
+    if mag_by_split is not None:
+        mark = 0.0 if mag_median is None else mag_median
+        mag_hist = _hist_panel(axes[1], mag_by_split, mark, "p50",
+                               f"flow_mag (pixels at flow_size; {tail})")  # fmt: skip
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue(), {"bins": edges.tolist(), "counts": counts}
+    return buf.getvalue(), hist, mag_hist
 
 
 def _label(img: np.ndarray, text: str, center_x: int | None, left: int, baseline: int) -> None:
@@ -49,10 +72,11 @@ def _label(img: np.ndarray, text: str, center_x: int | None, left: int, baseline
     cv2.putText(img, text, (x, baseline), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
 
 
-def _grid(samples: list[dict], window: int, size: int) -> np.ndarray:
-    """Rows of K frames; the key above each row, weight and flow_msq of each pair below it."""
+def _grid(samples: list[dict], window: int, size: int, mag: bool = False) -> np.ndarray:
+    """Rows of K frames; the key above each row, weight and flow_msq of each pair below it, and
+    with ``mag`` a second line with each pair's flow_mag."""
     tile = max(size, TILE_MIN)
-    row_h = BAND + tile + BAND
+    row_h = BAND + tile + BAND * (2 if mag else 1)
     grid = np.full((max(1, len(samples)) * row_h, window * tile, 3), 32, np.uint8)
     for r, s in enumerate(samples):
         top = r * row_h
@@ -63,7 +87,10 @@ def _grid(samples: list[dict], window: int, size: int) -> np.ndarray:
         meta = s["meta"]
         for k, (w, d) in enumerate(zip(meta["weight"], meta["flow_msq"], strict=True)):
             text = f"w {w:.2f}  d {d:.3g}"
-            _label(grid, text, (k + 1) * tile, 0, top + row_h - 7)
+            _label(grid, text, (k + 1) * tile, 0, top + BAND + tile + BAND - 7)
+        if mag:
+            for k, m in enumerate(meta.get("flow_mag") or ()):
+                _label(grid, f"mag {m:.3g}", (k + 1) * tile, 0, top + row_h - 7)
     return grid
 
 
@@ -73,10 +100,14 @@ def inspect_build(
     """Counts, a flow_msq histogram PNG and a PNG grid of `n` seeded random windows.
 
     The grid goes to `out_png` (default ``<build>/inspect.png``), the histogram beside it as
-    ``<stem>_flow_hist.png``. Returns a report dict (see format_inspect).
+    ``<stem>_flow_hist.png``; for a build with flow_mag (spec 1.1 on) the histogram PNG has a
+    second panel, of flow_mag, and the grid shows each pair's flow_mag. Returns a report dict
+    (see format_inspect).
     """
     build = open_build(path)
-    table = build.index(["split", "clip_id", "frame_ids", "flow_msq", "weight"])
+    mag = has_flow_mag(build.manifest)
+    columns = ["split", "clip_id", "frame_ids", "flow_msq", "weight"]
+    table = build.index(columns + (["flow_mag"] if mag else []))
     grid_path = Path(out_png) if out_png else build.path / "inspect.png"
     hist_path = grid_path.with_name(f"{grid_path.stem}_flow_hist.png")
 
@@ -84,6 +115,9 @@ def inspect_build(
     split_col = table.column("split")
     in_split = {s: pc.equal(split_col, s).fill_null(False) for s in splits}
     values = {s: pair_values(table.filter(m)) for s, m in in_split.items()}
+    mags = (
+        {s: pair_values(table.filter(m), "flow_mag") for s, m in in_split.items()} if mag else None
+    )
     weights = {
         s: pc.list_flatten(table.filter(m).column("weight")).to_numpy(zero_copy_only=False)
         for s, m in in_split.items()
@@ -92,7 +126,9 @@ def inspect_build(
     n_rows = table.num_rows
     del table, split_col, in_split
     sigma = float(build.manifest["flow"]["sigma"])
-    hist_bytes, hist = _hist_png(values, sigma)
+    mag_stats = build.manifest["flow"].get("mag_stats") if mag else None
+    median = mag_stats["percentiles"]["p50"] if mag_stats else None
+    hist_bytes, hist, mag_hist = _hist_png(values, sigma, mags, median)
     atomic_write_bytes(hist_path, hist_bytes)
 
     rng = np.random.default_rng(seed)
@@ -100,7 +136,7 @@ def inspect_build(
     where = build.index(["shard", "position"]).take(picked).to_pylist()
     raw = build.raw_at((r["shard"], r["position"]) for r in where)
     samples = [decode_sample(r, build.window) for r in raw]
-    grid = _grid(samples, build.window, build.image_size)
+    grid = _grid(samples, build.window, build.image_size, mag=mag)
     atomic_write_bytes(grid_path, encode_png(grid))
 
     return {
@@ -117,7 +153,9 @@ def inspect_build(
         "sigma": sigma,
         "flow_backend": build.manifest["flow"]["backend"],
         "flow_stats": build.manifest["flow"]["stats"],
+        "mag_stats": mag_stats,
         "hist": hist,
+        "mag_hist": mag_hist,
         "shown": [s["key"] for s in samples],
         "grid_png": str(grid_path),
         "hist_png": str(hist_path),
@@ -146,6 +184,13 @@ def format_inspect(report: dict) -> str:
         )
     else:
         lines.append(f"  flow {report['flow_backend']}: sigma {report['sigma']:.4g}; no stats")
+    mag = report.get("mag_stats")
+    if mag and mag["count"]:
+        q = mag["percentiles"]
+        lines.append(
+            f"  flow_mag p5 {q['p5']:.3g}  p50 {q['p50']:.3g}  p95 {q['p95']:.3g}  "
+            f"max {mag['max']:.3g} (pixels)"
+        )
     lines.append(f"  grid: {report['grid_png']} ({len(report['shown'])} windows)")
     lines.append(f"  flow histogram: {report['hist_png']}")
     return "\n".join(lines)

@@ -71,6 +71,7 @@ def index_table(plan: Plan, infos: dict[tuple[str, int], dict]) -> pa.Table:
                 **{name: col.take(take) for name, col in per_track.items()},
                 "frame_ids": _lists(fids, pa.int64()),
                 "flow_msq": _lists(plan.msq[pairs], pa.float64()),
+                "flow_mag": _lists(plan.mag[pairs], pa.float64()),
                 "weight": _lists(plan.weight[pairs], pa.float64()),
             }
             batches.append(pa.record_batch([cols[f.name] for f in INDEX_SCHEMA],
@@ -185,6 +186,7 @@ def write_outputs(
     for split in sorted(plan.order):
         entries = [infos[(split, n)] for n in range(plan.n_shards(split))]
         splits[split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
+    stats_split = "train" if plan.flow_stats["train"]["count"] else "val"
     manifest = {
         "spec_version": SPEC_VERSION,
         "window": cfg.window,
@@ -202,9 +204,8 @@ def write_outputs(
             "random_weights": backend in fl.RAFT_BACKENDS and weights_path is None,
             "sigma": plan.sigma,
             "sigma_rule": "median flow_msq over the train split's adjacent pairs",
-            "stats": plan.flow_stats["train"]
-            if plan.flow_stats["train"]["count"]
-            else plan.flow_stats["val"],
+            "stats": plan.flow_stats[stats_split],
+            "mag_stats": plan.mag_stats[stats_split],
         },
         "counts": {**counts, **{f"skipped_{k}": v for k, v in sorted(by_reason.items())}},
     }

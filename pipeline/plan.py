@@ -41,7 +41,8 @@ class Plan:
     frame_base: np.ndarray  # int64 (tracks + 1): first global kept-frame number of each track
     pair_base: np.ndarray  # int64 (tracks + 1): first global pair number of each track
     frame_ids: np.ndarray  # int64 per global kept frame
-    msq: np.ndarray  # float64 per global pair
+    msq: np.ndarray  # float64 per global pair: mean |F|^2
+    mag: np.ndarray  # float64 per global pair: mean |F|
     weight: np.ndarray  # float64 per global pair: exp(-msq / sigma)
     w_track: np.ndarray  # int32 per window: index into ``tracks``
     w_frame: np.ndarray  # int64 per window: global number of its first frame
@@ -50,7 +51,8 @@ class Plan:
     is_val: np.ndarray  # bool per track
     order: dict[str, np.ndarray]  # split -> window indices in write order (after max-windows)
     sigma: float
-    flow_stats: dict
+    flow_stats: dict  # split -> flow_stats of flow_msq over its windows' distinct pairs
+    mag_stats: dict  # split -> flow_stats of flow_mag over the same pairs
     counts: dict
     short_clips: list[tuple[int, int, int]]  # (track, first, end) global kept frames, < K long
     dropped_frames: np.ndarray  # global kept frames of long clips that are in no kept window
@@ -108,6 +110,7 @@ class Plan:
             "object": t.object,
             "frame_ids": self.frame_ids[f : f + k].tolist(),
             "flow_msq": self.msq[p : p + k - 1].tolist(),
+            "flow_mag": self.mag[p : p + k - 1].tolist(),
             "weight": self.weight[p : p + k - 1].tolist(),
         }
 
@@ -142,11 +145,12 @@ class Plan:
         return np.asarray(out, np.int64)
 
 
-def _flat_msq(metas: Sequence[dict], n_pairs: int) -> np.ndarray:
+def _flat_pairs(metas: Sequence[dict], field: str, n_pairs: int) -> np.ndarray:
+    """The per-pair values ``field`` (``pair_msq``, ``pair_mag``) of every track, flat."""
     out = np.empty(n_pairs, np.float64)
     at = 0
     for meta in metas:
-        for clip in meta["pair_msq"]:
+        for clip in meta[field]:
             out[at : at + len(clip)] = clip
             at += len(clip)
     return out
@@ -219,7 +223,8 @@ def make_plan(
     frame_ids = np.fromiter(
         (f[0] for meta in metas for f in meta["frames"]), np.int64, int(frame_base[-1])
     )
-    msq_all = _flat_msq(metas, int(pair_base[-1]))
+    msq_all = _flat_pairs(metas, "pair_msq", int(pair_base[-1]))
+    mag_all = _flat_pairs(metas, "pair_mag", int(pair_base[-1]))
 
     # Windows in track, clip, start order; train and val keep that order.
     val_w = is_val[wt] if len(wt) else np.zeros(0, bool)
@@ -234,7 +239,8 @@ def make_plan(
     # Distinct adjacent pairs of each split's windows (SPEC 6): after --max-windows, and never
     # a pair of a clip shorter than K (no window holds one).
     n_pairs_all = int(pair_base[-1])
-    pair_values = {s: msq_all[_covered(n_pairs_all, wp[idx], k - 1)] for s, idx in by_split.items()}
+    in_split = {s: _covered(n_pairs_all, wp[idx], k - 1) for s, idx in by_split.items()}
+    pair_values = {s: msq_all[m] for s, m in in_split.items()}
     if sigma is None:
         values = pair_values["train"] if len(pair_values["train"]) else pair_values["val"]
         sigma = float(np.median(values)) if len(values) else 1.0
@@ -266,6 +272,7 @@ def make_plan(
         "shards": sum(-(-len(v) // shard_size) for v in order.values()),
     }
     stats = {s: flow_stats(v) for s, v in pair_values.items()}
+    mag_stats = {s: flow_stats(mag_all[m]) for s, m in in_split.items()}
     return Plan(
         tracks=tracks,
         metas=metas,
@@ -275,6 +282,7 @@ def make_plan(
         pair_base=pair_base,
         frame_ids=frame_ids,
         msq=msq_all,
+        mag=mag_all,
         weight=weight,
         w_track=wt,
         w_frame=wf,
@@ -284,6 +292,7 @@ def make_plan(
         order=order,
         sigma=sigma,
         flow_stats=stats,
+        mag_stats=mag_stats,
         counts=counts,
         short_clips=short,
         dropped_frames=dropped_frames,

@@ -2,7 +2,8 @@
 
 Rows are filtered by split and by a small ``where`` expression, ``n`` of them are drawn with a
 seeded RNG (index order is kept), and the chosen samples' member bytes are copied unchanged into
-new shards with a new index and manifest.
+new shards with a new index and manifest. The new build keeps the source's spec version: a
+subset of a 1.0 build is a 1.0 build (no flow_mag).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from shards_spec.format import (
     SUMMARY_NAME,
     SpecError,
     flow_stats,
+    has_flow_mag,
+    index_schema,
     shard_path,
 )
 from shards_spec.reader import open_build, pair_values
@@ -59,9 +62,9 @@ ARROW_OPS: dict[str, Callable] = {
     "==": pc.equal,
     "!=": pc.not_equal,
 }
-LIST_COLUMNS = {"frame_ids", "flow_msq", "weight"}
+LIST_COLUMNS = {"frame_ids", "flow_msq", "flow_mag", "weight"}  # flow_mag: spec 1.1 on
 NUMERIC_COLUMNS = {"position", "sequence", "camera"} | LIST_COLUMNS
-COLUMNS = tuple(INDEX_SCHEMA.names)
+COLUMNS = tuple(INDEX_SCHEMA.names)  # a build's own: index_schema(manifest)
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -243,14 +246,21 @@ def subset_build(
     source = open_build(src)
     if split is not None and split not in source.splits:
         raise ValueError(f"--split {split!r} is not in the build (has {', '.join(source.splits)})")
+    schema = index_schema(source.manifest)
     names = ["split", *sorted({c.column for c in (parse_where(where) if where else [])})]
+    missing = [c for c in names if c not in schema.names]
+    if missing:
+        raise WhereError(
+            f"where: column {missing[0]} is not in this build's index (spec "
+            f"{source.manifest['spec_version']} builds have no {missing[0]})"
+        )
     picked = select_rows(
         source.index(list(dict.fromkeys(names))), split=split, where=where, n=n, seed=seed
     )
     if not picked:
         raise ValueError("no samples match; nothing to write")
     n_source = pq.ParquetFile(source.path / INDEX_NAME).metadata.num_rows
-    chosen = source.index(list(COLUMNS)).take(picked).combine_chunks()
+    chosen = source.index(list(schema.names)).take(picked).combine_chunks()
     del picked
     src_path, out_path = Path(source.path), Path(out)
     _prepare_out(src_path, out_path, overwrite)
@@ -272,11 +282,11 @@ def subset_build(
             new_position.append(np.arange(part.num_rows, dtype=np.int32))
         splits[name] = {"samples": count, "shards": entries}
         start += count
-    columns = {n: chosen.column(n) for n in COLUMNS}
+    columns = {n: chosen.column(n) for n in schema.names}
     columns["shard"] = pa.array(new_shard, pa.string())
     columns["position"] = pa.array(np.concatenate(new_position), pa.int32())
     try:
-        new = pa.Table.from_arrays([columns[n] for n in COLUMNS], schema=INDEX_SCHEMA)
+        new = pa.Table.from_arrays([columns[n] for n in schema.names], schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
         raise SpecError(f"index rows do not fit the schema: {exc}") from exc
     del chosen, columns, new_shard, new_position
@@ -285,9 +295,11 @@ def subset_build(
     manifest = copy.deepcopy(source.manifest)
     manifest["splits"] = splits
     manifest["counts"] = _counts(new)
-    manifest["flow"]["stats"] = flow_stats(
-        pair_values(new.filter(pc.equal(new.column("split"), "train")))
-    )
+    train = new.filter(pc.equal(new.column("split"), "train"))
+    manifest["flow"]["stats"] = flow_stats(pair_values(train))
+    if has_flow_mag(manifest):
+        manifest["flow"]["mag_stats"] = flow_stats(pair_values(train, "flow_mag"))
+    del train
     manifest["build_config"] = {
         "subset_of": {
             "path": str(src_path),
@@ -310,6 +322,7 @@ def subset_build(
         "splits": {s: v["samples"] for s, v in splits.items()},
         "shards": sum(len(v["shards"]) for v in splits.values()),
         "flow_stats": manifest["flow"]["stats"],
+        "mag_stats": manifest["flow"].get("mag_stats"),
     }
 
 

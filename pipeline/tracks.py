@@ -7,9 +7,11 @@ bounded chunks, so no task holds a whole video. A frame that fails ends the clip
 
 The cache of a track (``frames.bin``, optional ``masks.bin`` and ``flow.npy``, then
 ``meta.json`` as the commit marker) lets a killed build resume without redoing finished tracks.
-A cache is reused only when its key (the track's input files and every option that changes
-frames or flow) still matches, so plan-only options (seed, window, shard size, ...) reuse it
-and a restored or changed input file is processed again.
+A cache is reused only when its key (the track's input files, every option that changes
+frames or flow, and ``CACHE_VERSION``) still matches, so plan-only options (seed, window, shard
+size, ...) reuse it and a restored or changed input file is processed again. An entry written
+before per-pair magnitudes were recorded (``CACHE_VERSION`` 2, shard spec 1.0: no
+``pair_mag``) is a miss: its track is processed again, once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import cv2
 import numpy as np
 
 from pipeline import frames as fr
-from pipeline.flow import downsample_flow, flow_msq
+from pipeline.flow import downsample_flow, pair_values
 from pipeline.sources import FRAME_STRIDE, Track, numbered_images
 from shards_spec.atomic import atomic_write_bytes
 from shards_spec.writer import atomic_write_json, encode_png
@@ -35,7 +37,7 @@ META = "meta.json"  # written last: the commit marker
 FRAMES_FILE = "frames.bin"  # the PNG bytes of the kept frames, back to back
 MASKS_FILE = "masks.bin"  # the PNG bytes of their masks (--keep-mask)
 FLOW_FILE = "flow.npy"  # the stored flow fields, pair order (--keep-flow)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: meta.json records pair_mag (mean |F| per pair) beside pair_msq
 
 # (frame_id, source path, rgb, reason, mask, mask_reason)
 Decoded = tuple[int, str, "np.ndarray | None", "str | None", "np.ndarray | None", "str | None"]
@@ -74,6 +76,8 @@ def load_meta(cache: Path, track: Track, opts: TrackOptions) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     if meta.get("cache_key") != opts.cache_key(track) or meta.get("retry"):
+        return None
+    if not isinstance(meta.get("pair_mag"), list):  # written before flow_mag: recompute
         return None
     return meta
 
@@ -135,7 +139,8 @@ class _Clips:
     def __init__(self, keep_flow: int):
         self.kept: list[list[int]] = []  # [frame_id, offset, length(, mask_offset, mask_length)]
         self.clips: list[list[int]] = []  # [start, end) into kept
-        self.msq: list[list[float]] = []  # per clip, per adjacent pair
+        self.msq: list[list[float]] = []  # per clip, per adjacent pair: mean |F|^2
+        self.mag: list[list[float]] = []  # per clip, per adjacent pair: mean |F|
         self.stored: list[np.ndarray] = []  # downsampled flow fields, pair order
         self.keep_flow = keep_flow
         self.open = False
@@ -147,6 +152,7 @@ class _Clips:
         if not cont:
             self.clips.append([len(self.kept) - 1, len(self.kept)])
             self.msq.append([])
+            self.mag.append([])
             self.open = True
         self.clips[-1][1] = len(self.kept)
         return cont
@@ -155,8 +161,9 @@ class _Clips:
     def current(self) -> int:
         return len(self.clips) - 1
 
-    def add_pair(self, clip: int, msq: float, stored: np.ndarray | None) -> None:
+    def add_pair(self, clip: int, msq: float, mag: float, stored: np.ndarray | None) -> None:
         self.msq[clip].append(float(msq))
+        self.mag[clip].append(float(mag))
         if self.keep_flow and stored is not None:
             self.stored.append(stored)
 
@@ -176,7 +183,7 @@ class CpuPairs:
         if continues:
             field = self.flow.calc(self.prev, cur)
             stored = downsample_flow(field, self.keep_flow) if self.keep_flow else None
-            clips.add_pair(clips.current, flow_msq(field), stored)
+            clips.add_pair(clips.current, *pair_values(field), stored)
         self.prev = cur
 
     def finish(self, clips: _Clips) -> None:
@@ -187,9 +194,10 @@ class ChunkedPairs:
     """Flow on a remote estimator (a RAFT actor): each clip's frames go in bounded chunks.
 
     ``submit(frames) -> handle`` starts the flow of the pairs of consecutive ``frames``;
-    ``fetch(handle) -> (msq list, stored fields or None)`` waits for it. Chunks overlap by one
-    frame so every pair is computed once; at most ``depth`` chunks are in flight. ``push``
-    takes BGR frames, as :func:`process_track` has them; ``submit`` gets them in RGB.
+    ``fetch(handle) -> (msq list, mag list, stored fields or None)`` waits for it. Chunks
+    overlap by one frame so every pair is computed once; at most ``depth`` chunks are in
+    flight. ``push`` takes BGR frames, as :func:`process_track` has them; ``submit`` gets them
+    in RGB.
     """
 
     def __init__(self, submit, fetch, chunk: int = 32, depth: int = 2):
@@ -219,9 +227,9 @@ class ChunkedPairs:
 
     def _collect(self, clips: _Clips) -> None:
         clip, handle = self.pending.pop(0)
-        msqs, stored = self.fetch(handle)
-        for i, m in enumerate(msqs):
-            clips.add_pair(clip, m, None if stored is None else stored[i])
+        msqs, mags, stored = self.fetch(handle)
+        for i, (m, g) in enumerate(zip(msqs, mags, strict=True)):
+            clips.add_pair(clip, m, g, None if stored is None else stored[i])
 
     def finish(self, clips: _Clips) -> None:
         self._flush(clips)
@@ -286,6 +294,7 @@ def process_track(cache: Path, track: Track, opts: TrackOptions, pairs) -> dict:
         "frames": clips.kept,
         "clips": clips.clips,
         "pair_msq": clips.msq,
+        "pair_mag": clips.mag,
         "skipped": skipped,
         "n_input": n_input,
         "has_masks": bool(masks),

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
+FLOW_MAG_SINCE = "1.1"  # the first version whose windows carry flow_mag (SPEC.md section 11)
 
 MANIFEST_NAME = "dataset.json"
 INDEX_NAME = "index.parquet"
@@ -46,9 +47,12 @@ INDEX_SCHEMA = pa.schema(
         pa.field("object", pa.string()),
         pa.field("frame_ids", pa.list_(pa.int64()), nullable=False),
         pa.field("flow_msq", pa.list_(pa.float64()), nullable=False),
+        pa.field("flow_mag", pa.list_(pa.float64()), nullable=False),
         pa.field("weight", pa.list_(pa.float64()), nullable=False),
     ]
 )
+# The index columns of a 1.0 build (no flow_mag); see index_schema.
+INDEX_SCHEMA_1_0 = pa.schema([f for f in INDEX_SCHEMA if f.name != "flow_mag"])
 
 SKIPPED_SCHEMA = pa.schema(
     [
@@ -109,12 +113,34 @@ def check_key(key: str) -> None:
         raise SpecError(f"bad sample key {key!r}: use letters, digits, '_' or '-' (no dots)")
 
 
-def major_version(version: Any) -> int:
-    """Major number of a ``"MAJOR.MINOR"`` spec version string."""
+def _version_tuple(version: Any) -> tuple[int, int]:
+    """(major, minor) of a ``"MAJOR.MINOR"`` spec version string."""
     match = re.match(r"^([0-9]+)\.([0-9]+)$", str(version))
     if not match:
         raise SpecError(f"bad spec_version {version!r}: expected 'MAJOR.MINOR'")
-    return int(match.group(1))
+    return int(match.group(1)), int(match.group(2))
+
+
+def major_version(version: Any) -> int:
+    """Major number of a ``"MAJOR.MINOR"`` spec version string."""
+    return _version_tuple(version)[0]
+
+
+def has_flow_mag(manifest: dict) -> bool:
+    """Whether every window of the build carries ``flow_mag`` (JSON member and index column)
+    and its manifest ``flow.mag_stats``: True for spec version 1.1 and later.
+
+    ``manifest`` is the build's ``dataset.json`` object (``Build.manifest``). Raises SpecError
+    when it has no valid ``spec_version``.
+    """
+    if not isinstance(manifest, dict) or "spec_version" not in manifest:
+        raise SpecError("manifest has no spec_version")
+    return _version_tuple(manifest["spec_version"]) >= _version_tuple(FLOW_MAG_SINCE)
+
+
+def index_schema(manifest: dict) -> pa.Schema:
+    """The index columns a build of this manifest's version has (INDEX_SCHEMA from 1.1)."""
+    return INDEX_SCHEMA if has_flow_mag(manifest) else INDEX_SCHEMA_1_0
 
 
 def check_version(version: Any) -> None:
@@ -140,26 +166,41 @@ def load_schema(name: str) -> dict:
     return json.loads(_schema_text(file))
 
 
+def sample_schema(manifest: dict) -> dict:
+    """The sample schema for the windows of a build of this manifest's version.
+
+    A sample does not record its version: ``sample.schema.json`` requires what every 1.x window
+    holds, and ``flow_mag`` is added to its ``required`` for builds that have it
+    (:func:`has_flow_mag`).
+    """
+    schema = load_schema("sample")
+    if has_flow_mag(manifest):
+        schema = {**schema, "required": [*schema["required"], "flow_mag"]}
+    return schema
+
+
 def flow_weight(flow_msq: float, sigma: float) -> float:
     """Proximity weight of a pair: ``exp(-flow_msq / sigma)``."""
     return float(np.exp(-float(flow_msq) / float(sigma)))
 
 
-def distinct_pair_values(rows: Iterable[dict]) -> list[float]:
-    """flow_msq of each distinct adjacent pair (clip_id, frame_a, frame_b) in index rows.
+def distinct_pair_values(rows: Iterable[dict], field: str = "flow_msq") -> list[float]:
+    """``field`` (flow_msq or flow_mag) of each distinct adjacent pair (clip_id, frame_a,
+    frame_b) in index rows.
 
     A pair shared by overlapping windows counts once; first occurrence wins.
     """
     seen: dict[tuple[str, int, int], float] = {}
     for row in rows:
-        ids, msq = row["frame_ids"], row["flow_msq"]
-        for i, value in enumerate(msq):
+        ids, values = row["frame_ids"], row[field]
+        for i, value in enumerate(values):
             seen.setdefault((row["clip_id"], int(ids[i]), int(ids[i + 1])), float(value))
     return list(seen.values())
 
 
 def flow_stats(values: Sequence[float]) -> dict:
-    """Summary of flow_msq values as stored in ``manifest["flow"]["stats"]``."""
+    """Summary of per-pair values as stored in ``manifest["flow"]["stats"]`` (flow_msq) and
+    ``manifest["flow"]["mag_stats"]`` (flow_mag)."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         return {

@@ -13,13 +13,14 @@ features instead::
     ds = load_dataset("webdataset", data_files=data_files(build), features=features(build))
 
 Columns: ``__key__``, ``__url__`` (str), one ``datasets.Image`` per PNG member (PIL images: RGB
-frames, L masks), ``json`` (a dict of the fields of SPEC.md section 3) and ``flow.npy`` (float16
-values as nested lists). Members and JSON fields that a later 1.x adds are left out.
+frames, L masks), ``json`` (a dict of the fields of SPEC.md section 3; ``flow_mag`` only in
+builds of spec 1.1 and later) and ``flow.npy`` (float16 values as nested lists). Members and JSON
+fields that a later 1.x adds are left out.
 """
 
 from __future__ import annotations
 
-from .format import FLOW_MEMBER, FRAME_RE, JSON_MEMBER, MASK_RE
+from .format import FLOW_MEMBER, FRAME_RE, JSON_MEMBER, MASK_RE, has_flow_mag
 from .reader import Build
 
 
@@ -39,6 +40,7 @@ def features(build: Build):
         "camera": int64,
         "frame_ids": [int64],
         "flow_msq": [float64],
+        **({"flow_mag": [float64]} if has_flow_mag(build.manifest) else {}),
         "weight": [float64],
     }
     cols: dict = {"__key__": string, "__url__": string}

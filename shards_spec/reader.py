@@ -142,26 +142,27 @@ def _pick(samples: Iterator[dict], shard: str, positions: list[int]) -> Iterator
         yield from (found[p] for p in positions)
 
 
-def pair_values(table: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """flow_msq of each distinct adjacent pair (clip_id, frame_a, frame_b) of index rows.
+def pair_values(table: pa.Table | pa.RecordBatch, column: str = "flow_msq") -> np.ndarray:
+    """``column`` (flow_msq, or flow_mag from spec 1.1) of each distinct adjacent pair
+    (clip_id, frame_a, frame_b) of index rows.
 
     The same values, in the same order (first occurrence), as
-    ``shards_spec.format.distinct_pair_values(table.to_pylist())``, computed column-wise.
-    ``table`` needs the columns clip_id, frame_ids and flow_msq.
+    ``shards_spec.format.distinct_pair_values(table.to_pylist(), column)``, computed
+    column-wise. ``table`` needs the columns clip_id, frame_ids and ``column``.
     """
     n = table.num_rows
     if n == 0:
         return np.zeros(0, np.float64)
     ids_col = _combined(table.column("frame_ids"))
-    msq_col = _combined(table.column("flow_msq"))
+    msq_col = _combined(table.column(column))
     ids = ids_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     msq = msq_col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
     lens = pc.list_value_length(ids_col).fill_null(0).to_numpy(zero_copy_only=False)
     mlens = pc.list_value_length(msq_col).fill_null(0).to_numpy(zero_copy_only=False)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
     if np.any(mlens > np.maximum(lens - 1, 0)):
-        raise SpecError("index: a row has more flow_msq values than adjacent frame pairs")
-    row = np.repeat(np.arange(n), mlens)  # the row of each flow_msq value
+        raise SpecError(f"index: a row has more {column} values than adjacent frame pairs")
+    row = np.repeat(np.arange(n), mlens)  # the row of each value
     j = np.arange(len(msq)) - np.repeat(np.cumsum(mlens) - mlens, mlens)  # pair number in row
     a = ids[starts[row] + j]
     b = ids[starts[row] + j + 1]

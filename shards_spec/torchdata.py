@@ -30,8 +30,9 @@ def to_tensors(sample: dict) -> dict:
     """A decoded sample as tensors that ``default_collate`` batches.
 
     ``key``, ``clip_id`` (str); ``frames`` uint8 ``(K, 3, H, W)``; ``frame_ids`` int64 ``(K,)``;
-    ``flow_msq``, ``weight`` float64 ``(K-1,)``; and only when the build stores them ``masks``
-    uint8 ``(K, H, W)`` (0 or 255) and ``flow`` float16 ``(K-1, 2, h, w)``. The rest of the
+    ``flow_msq``, ``weight`` float64 ``(K-1,)``; and only when the build stores them ``flow_mag``
+    float64 ``(K-1,)`` (spec 1.1 on), ``masks`` uint8 ``(K, H, W)`` (0 or 255) and ``flow``
+    float16 ``(K-1, 2, h, w)``. The rest of the
     per-sample JSON (nullable fields that ``default_collate`` cannot batch) is left out.
     """
     meta = sample["meta"]
@@ -43,6 +44,8 @@ def to_tensors(sample: dict) -> dict:
         "flow_msq": torch.tensor(meta["flow_msq"], dtype=torch.float64),
         "weight": torch.tensor(meta["weight"], dtype=torch.float64),
     }
+    if "flow_mag" in meta:
+        out["flow_mag"] = torch.tensor(meta["flow_mag"], dtype=torch.float64)
     if sample["masks"] is not None:
         out["masks"] = torch.from_numpy(np.stack(sample["masks"]))
     if sample["flow"] is not None:

@@ -29,10 +29,11 @@ from .format import (
     SpecError,
     check_version,
     frame_members,
+    index_schema,
     is_forbidden,
     is_meta,
-    load_schema,
     mask_members,
+    sample_schema,
     shard_path,
 )
 from .reader import decode_png, load_npy
@@ -40,6 +41,9 @@ from .writer import check_manifest, sha256_file
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PROBLEMS = 1000
+# mean(|F|)^2 <= mean(|F|^2) for every pair (Jensen); equal for a uniform field, so allow the
+# rounding of two float32 means
+MAG_RTOL, MAG_ATOL = 1e-4, 1e-9
 
 
 class Problems(list):
@@ -100,7 +104,8 @@ class _Context:
         self.decode = decode
         self.frames = frame_members(self.window)
         self.masks = mask_members(self.window)
-        self.sample_validator = jsonschema.Draft202012Validator(load_schema("sample"))
+        self.index_schema = index_schema(manifest)
+        self.sample_validator = jsonschema.Draft202012Validator(sample_schema(manifest))
 
 
 def _check_members_list(ctx: _Context, problems: Problems) -> None:
@@ -187,9 +192,30 @@ def _check_meta(
         problems.add(
             f"{where}: flow_msq/weight have {len(msq)}/{len(weight)} entries, expected {k - 1}"
         )
+    elif not np.isfinite(msq).all():
+        problems.add(f"{where}: flow_msq {msq} has non-finite values")
     elif not np.allclose(weight, np.exp(-np.asarray(msq, float) / ctx.sigma), rtol=1e-4, atol=1e-6):
         problems.add(f"{where}: weight {weight} != exp(-flow_msq / sigma) with sigma={ctx.sigma}")
+    if "flow_mag" in meta:  # required from 1.1 (the schema says so), optional before
+        _check_mag(where, meta["flow_mag"], msq, k, problems)
     return meta
+
+
+def _check_mag(where: str, mag: list, msq: list, k: int, problems: Problems) -> None:
+    if len(mag) != k - 1:
+        problems.add(f"{where}: flow_mag has {len(mag)} entries, expected {k - 1}")
+        return
+    if not np.isfinite(mag).all():
+        problems.add(f"{where}: flow_mag {mag} has non-finite values")
+        return
+    if len(msq) != k - 1 or not np.isfinite(msq).all():
+        return
+    for i, (g, m) in enumerate(zip(mag, msq, strict=True)):
+        if g * g > m * (1 + MAG_RTOL) + MAG_ATOL:
+            problems.add(
+                f"{where}: pair {i}: flow_mag^2 = {g * g:.6g} exceeds flow_msq = {m:.6g} "
+                "(a mean magnitude squared cannot exceed the mean squared magnitude)"
+            )
 
 
 def _check_sample(ctx: _Context, rel: str, split: str, raw: dict, problems: Problems) -> Any:
@@ -300,7 +326,7 @@ def _check_splits(ctx: _Context, root: Path, manifest: dict, problems: Problems)
     return seen
 
 
-def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> None:
+def _check_index(ctx: _Context, root: Path, manifest: dict, seen: dict, problems: Problems) -> None:
     file = root / INDEX_NAME
     if not file.is_file():
         problems.add(f"{INDEX_NAME}: missing")
@@ -312,7 +338,7 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
         problems.add(f"{INDEX_NAME}: unreadable ({_exc_text(exc)})")
         return
     bad = False
-    for field in INDEX_SCHEMA:
+    for field in ctx.index_schema:
         if field.name not in schema.names:
             problems.add(f"{INDEX_NAME}: column {field.name} missing")
             bad = True
@@ -327,7 +353,7 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
     per_split: dict[str, int] = {}
     order = _Order()
     failed: list[str] = []
-    for i, row in enumerate(_index_rows(parquet, failed)):
+    for i, row in enumerate(_index_rows(parquet, failed, ctx.index_schema.names)):
         order.add(row)
         key = row["key"]
         per_split[row["split"]] = per_split.get(row["split"], 0) + 1
@@ -364,10 +390,12 @@ def _check_index(root: Path, manifest: dict, seen: dict, problems: Problems) -> 
 INDEX_BATCH = 65536  # index rows turned into Python objects at a time
 
 
-def _index_rows(parquet: pq.ParquetFile, failed: list[str]):
-    """The index's rows as dicts, a batch at a time (the whole index as Python objects would
-    take GBs at HanCo size); a read error ends them, its message appended to ``failed``."""
-    batches = parquet.iter_batches(batch_size=INDEX_BATCH, columns=INDEX_SCHEMA.names)
+def _index_rows(parquet: pq.ParquetFile, failed: list[str], columns: list[str] | None = None):
+    """The index's rows as dicts (``columns``, INDEX_SCHEMA's by default), a batch at a time
+    (the whole index as Python objects would take GBs at HanCo size); a read error ends them,
+    its message appended to ``failed``."""
+    names = INDEX_SCHEMA.names if columns is None else columns
+    batches = parquet.iter_batches(batch_size=INDEX_BATCH, columns=names)
     while True:
         try:
             batch = next(batches, None)
@@ -400,6 +428,7 @@ class _Order:
 
 
 INDEXED_FIELDS = ("clip_id", "source", "sequence", "camera", "subject", "object", "frame_ids")
+INDEXED_VALUES = ("flow_msq", "flow_mag", "weight")  # floats, compared with a tolerance
 
 
 def _indexed_fields(meta: Any) -> dict | None:
@@ -407,7 +436,8 @@ def _indexed_fields(meta: Any) -> dict | None:
     if not isinstance(meta, dict):
         return None
     fields = {name: meta.get(name) for name in INDEXED_FIELDS}
-    fields["flow_msq"], fields["weight"] = meta.get("flow_msq"), meta.get("weight")
+    for name in INDEXED_VALUES:
+        fields[name] = meta.get(name)
     return fields
 
 
@@ -422,10 +452,22 @@ def _compare_row(i: int, row: dict, found: tuple, problems: Problems) -> None:
     for name in INDEXED_FIELDS:
         if row[name] != meta[name]:
             problems.add(f"{INDEX_NAME}: row {i} ({row['key']}): {name} differs from sample json")
-    for name in ("flow_msq", "weight"):
+    for name in INDEXED_VALUES:
+        if name not in row:  # flow_mag: not an index column before 1.1
+            continue
         a, b = row[name], meta[name]
         if not isinstance(b, list) or len(a) != len(b) or not np.allclose(a, b, rtol=1e-6, atol=0):
             problems.add(f"{INDEX_NAME}: row {i} ({row['key']}): {name} differs from sample json")
+
+
+def _check_flow_stats(manifest: dict, problems: Problems) -> None:
+    """flow.mag_stats summarises the same pairs as flow.stats (SPEC section 6)."""
+    flow = manifest["flow"]
+    if "mag_stats" in flow and flow["mag_stats"]["count"] != flow["stats"]["count"]:
+        problems.add(
+            f"{MANIFEST_NAME}: flow.mag_stats counts {flow['mag_stats']['count']} pairs, "
+            f"flow.stats {flow['stats']['count']}"
+        )
 
 
 def _check_skipped(root: Path, problems: Problems) -> None:
@@ -476,8 +518,9 @@ def validate(
         return problems.lines()
     ctx = _Context(manifest, decode)
     _check_members_list(ctx, problems)
+    _check_flow_stats(manifest, problems)
     seen = _check_splits(ctx, root, manifest, problems)
-    _check_index(root, manifest, seen, problems)
+    _check_index(ctx, root, manifest, seen, problems)
     _check_skipped(root, problems)
     return problems.lines()
 

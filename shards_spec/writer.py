@@ -200,9 +200,12 @@ def _table(rows: list[dict], schema: pa.Schema, what: str) -> pa.Table:
         raise SpecError(f"{what} rows do not fit the schema: {exc}") from exc
 
 
-def write_index(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Write ``index.parquet`` (INDEX_SCHEMA, rows in the order given) atomically."""
-    atomic_write_bytes(path, parquet_bytes(_table(rows, INDEX_SCHEMA, "index")))
+def write_index(
+    path: str | os.PathLike, rows: list[dict], schema: pa.Schema = INDEX_SCHEMA
+) -> None:
+    """Write ``index.parquet`` (``schema``: INDEX_SCHEMA, or ``format.index_schema(manifest)``
+    for a build of an earlier version; rows in the order given) atomically."""
+    atomic_write_bytes(path, parquet_bytes(_table(rows, schema, "index")))
 
 
 def write_skipped(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -18,6 +18,8 @@ from shards_spec.format import (
     distinct_pair_values,
     flow_stats,
     frame_member,
+    has_flow_mag,
+    index_schema,
     mask_member,
     shard_path,
 )
@@ -46,7 +48,8 @@ def make_samples(
 ) -> list[dict]:
     """Decoded samples of a synthetic build: {"split", "key", "frames", "masks", "flow", "meta"}.
 
-    Weights are left to make_build (they need sigma). Two windows share each clip.
+    Weights are left to make_build (they need sigma). Two windows share each clip. flow_mag is
+    the mean magnitude of the stored flow, or 0.8 * sqrt(flow_msq) without one.
     """
     rng = np.random.default_rng(seed)
     out = []
@@ -62,9 +65,12 @@ def make_samples(
             if with_flow:
                 scale = rng.uniform(0.2, 2.0)
                 flow = (rng.normal(0, scale, (K - 1, 2, flow_size, flow_size))).astype(np.float16)
-                msq = (flow.astype(np.float64) ** 2).sum(axis=1).mean(axis=(1, 2)).tolist()
+                sq = (flow.astype(np.float64) ** 2).sum(axis=1)
+                msq = sq.mean(axis=(1, 2)).tolist()
+                mag = np.sqrt(sq).mean(axis=(1, 2)).tolist()
             else:
                 msq = rng.uniform(0.0, 4.0, K - 1).round(6).tolist()
+                mag = [round(0.8 * float(np.sqrt(m)), 6) for m in msq]
             key = f"{seq:04d}-cam{cam}-{first:08d}"
             meta = {
                 "key": key,
@@ -77,6 +83,7 @@ def make_samples(
                 "object": None if seq % 2 else "cup",
                 "frame_ids": [first + k for k in range(K)],
                 "flow_msq": msq,
+                "flow_mag": mag,
             }
             out.append(
                 {
@@ -108,11 +115,20 @@ def make_build(
     flow_size: int = 8,
     seed: int = 0,
     name: str = "build",
+    spec_version: str = SPEC_VERSION,
 ) -> Path:
-    """Write a small valid build under ``tmp_path/name`` and return its path."""
+    """Write a small valid build under ``tmp_path/name`` and return its path.
+
+    ``spec_version="1.0"`` writes a build of that version: no flow_mag in the samples' JSON or
+    the index, no ``flow.mag_stats`` in the manifest.
+    """
     root = Path(tmp_path) / name
     root.mkdir(parents=True, exist_ok=True)
     samples = make_samples(n_train, n_val, K, size, with_flow, with_masks, flow_size, seed)
+    with_mag = has_flow_mag({"spec_version": spec_version})
+    if not with_mag:
+        for s in samples:
+            del s["meta"]["flow_mag"]
     sigma = _sigma(samples)
     for s in samples:
         s["meta"]["weight"] = [math.exp(-m / sigma) for m in s["meta"]["flow_msq"]]
@@ -135,7 +151,8 @@ def make_build(
             for position, s in enumerate(part):
                 rows.append(_index_row(s, rel, position))
         splits[split] = {"samples": len(chosen), "shards": entries}
-    write_index(root / INDEX_NAME, rows)
+    schema = index_schema({"spec_version": spec_version})
+    write_index(root / INDEX_NAME, [{n: r[n] for n in schema.names} for r in rows], schema)
     write_skipped(
         root / SKIPPED_NAME,
         [
@@ -149,7 +166,7 @@ def make_build(
     )
     train_meta = [s["meta"] for s in samples if s["split"] == "train"]
     manifest = {
-        "spec_version": SPEC_VERSION,
+        "spec_version": spec_version,
         "window": K,
         "image_size": size,
         "flow_size": flow_size,
@@ -165,6 +182,11 @@ def make_build(
             "sigma": sigma,
             "sigma_rule": "median_train_flow_msq",
             "stats": flow_stats(distinct_pair_values(train_meta)),
+            **(
+                {"mag_stats": flow_stats(distinct_pair_values(train_meta, "flow_mag"))}
+                if with_mag
+                else {}
+            ),
         },
         "counts": {
             "clips": len({s["meta"]["clip_id"] for s in samples}),
@@ -207,8 +229,10 @@ def _index_row(s: dict, shard: str, position: int) -> dict:
                 "object",
                 "frame_ids",
                 "flow_msq",
+                "flow_mag",
                 "weight",
             )
+            if name in meta
         },
     }
 

@@ -132,3 +132,19 @@ def test_sigma_and_stats_are_those_of_the_train_windows_pairs(built):
     if name == "max_windows":
         assert manifest["counts"]["windows_dropped_by_max_windows"] > 0
         assert sum(r["split"] == "train" for r in index) == 12
+
+
+def test_mag_stats_are_those_of_the_same_pairs(built):
+    """flow.mag_stats summarises flow_mag over exactly the pairs flow.stats summarises."""
+    _, out, _ = built
+    manifest = json.loads((out / "dataset.json").read_text())
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    train = [r for r in index if r["split"] == "train"]
+    mags = distinct_pair_values(train, "flow_mag")
+    want = flow_stats(mags)
+    got = manifest["flow"]["mag_stats"]
+    assert got["count"] == want["count"] == manifest["flow"]["stats"]["count"] == len(mags)
+    for field in ("mean", "min", "max"):
+        assert got[field] == pytest.approx(want[field], rel=1e-12)
+    assert got["percentiles"] == pytest.approx(want["percentiles"], rel=1e-12)
+    assert 0 < got["percentiles"]["p50"] <= got["max"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from buildutil import tree_bytes
 from pipeline.build import BuildConfig, BuildError, Runtime, build
 from pipeline.cli import main as cli_main
 from shards_spec import open_build, validate
+from shards_spec.format import INDEX_SCHEMA_1_0, has_flow_mag
+from shards_spec.writer import parquet_bytes, sha256_file, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,3 +211,133 @@ def test_overwrite_replaces_a_build_of_another_config(synth_root, tmp_path):
           Runtime(out=str(out), overwrite=True, progress=False))  # fmt: skip
     assert open_build(out).image_size == 64 and validate(out) == []
     assert (out / "notes.txt").read_text() == "a user's file"
+
+
+# ------------------------------------------------------------------ flow_mag (spec 1.1)
+
+
+def test_windows_carry_flow_mag(built):
+    out, _ = built
+    b = open_build(out)
+    assert has_flow_mag(b.manifest) and b.manifest["spec_version"] == "1.1"
+    k = b.window
+    rows = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    mags = []
+    for r in rows.values():
+        assert len(r["flow_mag"]) == k - 1
+        for g, m in zip(r["flow_mag"], r["flow_msq"], strict=True):
+            assert g >= 0 and g * g <= m * (1 + 1e-5) + 1e-9  # mean(|F|)^2 <= mean(|F|^2)
+            mags.append(g)
+    assert max(mags) > 0 and len(set(mags)) > 1
+    seen = 0
+    for split in b.splits:
+        for s in b.samples(split):
+            meta = s["meta"]
+            assert meta["flow_mag"] == rows[s["key"]]["flow_mag"]  # JSON and index agree
+            seen += 1
+    assert seen == len(rows)
+    flow = b.manifest["flow"]
+    assert flow["mag_stats"]["count"] == flow["stats"]["count"] > 0
+    assert set(flow["mag_stats"]) == set(flow["stats"])
+
+
+def _as_1_0(src: Path, dst: Path) -> Path:
+    """A copy of build ``src`` as the 1.0 code left it: no flow_mag in the samples' JSON or the
+    index, no flow.mag_stats, spec_version 1.0, and a track cache without pair_mag."""
+    from shardutil import edit_shard
+
+    shutil.copytree(src, dst)
+
+    def strip(members):
+        out = []
+        for name, data in members:
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                del meta["flow_mag"]
+                data = json.dumps(meta, sort_keys=True).encode()
+            out.append((name, data))
+        return out
+
+    manifest = json.loads((dst / "dataset.json").read_text())
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            edit_shard(dst, entry["path"], strip, sign=False)
+            entry["bytes"] = (dst / entry["path"]).stat().st_size
+            entry["sha256"] = sha256_file(dst / entry["path"])
+    index = pq.read_table(dst / "index.parquet").drop_columns(["flow_mag"])
+    assert index.schema.equals(INDEX_SCHEMA_1_0)
+    (dst / "index.parquet").write_bytes(parquet_bytes(index))
+    manifest["spec_version"] = "1.0"
+    del manifest["flow"]["mag_stats"]
+    write_manifest(dst / "dataset.json", manifest)
+    for meta_file in (dst / ".cache").glob("*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        del meta["pair_mag"]
+        meta_file.write_text(json.dumps(meta))
+    return dst
+
+
+def test_a_1_0_build_reads_validates_inspects_and_subsets(built, tmp_path):
+    from pipeline.inspect_build import inspect_build
+    from pipeline.subset import subset_build
+
+    out, _ = built
+    old = _as_1_0(out, tmp_path / "old")
+    assert validate(old) == []
+    b = open_build(old)
+    assert not has_flow_mag(b.manifest)
+    assert all("flow_mag" not in s["meta"] for s in b.samples("train"))
+    report = inspect_build(old, str(tmp_path / "look.png"), n=4)
+    assert report["mag_hist"] is None and len(report["shown"]) == 4
+    subset_build(old, tmp_path / "sub", n=5, seed=1, shard_size=2)
+    sub = open_build(tmp_path / "sub")
+    assert sub.manifest["spec_version"] == "1.0" and validate(tmp_path / "sub") == []
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (out / ".cache").glob("*/meta.json")}
+
+
+def test_rebuilding_a_1_0_build_recomputes_its_old_cache_once(built, synth_root, tmp_path):
+    """Every track of a cache without pair_mag runs stage 1 again; then the cache is reused."""
+    out, _ = built
+    old = _as_1_0(out, tmp_path / "old")
+    before = _mtimes(old)
+    assert before
+    with pytest.raises(BuildError, match=r"shard spec 1\.0.*--overwrite"):
+        build(small_config(synth_root), Runtime(out=str(old), progress=False))
+    assert open_build(old).manifest["spec_version"] == "1.0"  # refused: left as it was
+    build(small_config(synth_root), Runtime(out=str(old), overwrite=True, progress=False))
+    assert tree_bytes(old) == tree_bytes(out)  # the bytes of a fresh 1.1 build
+    after = _mtimes(old)
+    assert set(after) == set(before) and all(after[t] != before[t] for t in before)
+    for meta_file in (old / ".cache").glob("*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        assert [len(c) for c in meta["pair_mag"]] == [len(c) for c in meta["pair_msq"]]
+    # an output-only change (another seed) reuses every track
+    build(small_config(synth_root, seed=1), Runtime(out=str(old), overwrite=True, progress=False))
+    assert _mtimes(old) == after and validate(old) == []
+
+
+def test_a_cache_entry_without_pair_mag_is_a_miss(synth_root, tmp_path, monkeypatch):
+    from pipeline import flow as fl
+    from pipeline import frames as fr
+    from pipeline import tracks
+    from pipeline.handco import discover_handco
+
+    track = discover_handco(synth_root, sequences="0", cameras="0").tracks[0]
+    opts = tracks.TrackOptions(fr.FrameSpec(32, 32))
+    meta = tracks.process_track(tmp_path, track, opts, tracks.CpuPairs(fl.OpenCVFlow("dis"), 0))
+    assert tracks.load_meta(tmp_path, track, opts) == meta
+    assert [len(c) for c in meta["pair_mag"]] == [len(c) for c in meta["pair_msq"]]
+    meta_file = tracks.track_dir(tmp_path, track) / tracks.META
+    without = {k: v for k, v in meta.items() if k != "pair_mag"}
+    meta_file.write_text(json.dumps(without))
+    assert tracks.load_meta(tmp_path, track, opts) is None  # recomputed, never reused
+    # an entry keyed under the previous cache format (2) is a miss too, pair_mag or not
+    monkeypatch.setattr(tracks, "CACHE_VERSION", 2)
+    old_key = opts.cache_key(track)
+    monkeypatch.undo()
+    assert old_key != meta["cache_key"]
+    meta_file.write_text(json.dumps({**meta, "cache_key": old_key}))
+    assert tracks.load_meta(tmp_path, track, opts) is None

@@ -1,4 +1,4 @@
-"""Flow backends: flow_msq against a known translation, RAFT on CPU, weights errors."""
+"""Flow backends: flow_msq and flow_mag against known fields, RAFT on CPU, weights errors."""
 
 from __future__ import annotations
 
@@ -48,6 +48,38 @@ def test_flow_msq_units_and_downsampling():
     small = fl.downsample_flow(field, 16)
     assert small.shape == (2, 16, 16) and small.dtype == np.float16
     assert float(small[0].mean()) == pytest.approx(1.0)  # 4 px at 64 -> 1 px at 16
+
+
+def test_flow_mag_of_known_fields():
+    field = np.zeros((64, 48, 2), np.float32)
+    field[..., 0], field[..., 1] = 3.0, 4.0  # |F| = 5 everywhere
+    assert fl.flow_mag(field) == pytest.approx(5.0, rel=1e-6)
+    assert fl.flow_msq(field) == pytest.approx(25.0, rel=1e-6)  # uniform: mag^2 == msq
+    # half the pixels still, half moving by (0, -2): mean |F| 1, mean |F|^2 2
+    half = np.zeros((32, 32, 2), np.float32)
+    half[:16, :, 1] = -2.0
+    assert fl.pair_values(half) == pytest.approx((2.0, 1.0), rel=1e-6)
+    # (2, H, W) is read channel-first, the same field
+    assert fl.flow_mag(np.ascontiguousarray(half.transpose(2, 0, 1))) == pytest.approx(1.0)
+    assert fl.flow_mag(np.zeros((0, 0, 2), np.float32)) == 0.0
+    with pytest.raises(ValueError, match="field"):
+        fl.flow_mag(np.zeros((3, 5, 5), np.float32))
+
+
+def test_flow_mag_matches_float64_reference_and_jensen():
+    rng = np.random.default_rng(2)
+    field = (rng.standard_normal((96, 80, 2)) * 5).astype(np.float32)
+    ref = float(np.mean(np.hypot(field[..., 0].astype(np.float64), field[..., 1])))
+    assert fl.flow_mag(field) == pytest.approx(ref, rel=1e-6)
+    assert fl.flow_mag(field) ** 2 < fl.flow_msq(field)  # not uniform: strictly below
+
+
+@pytest.mark.parametrize(("dx", "dy"), [(2.0, 1.0), (-1.5, 0.5)])
+def test_dis_flow_mag_of_a_known_translation(dx, dy):
+    a = textured()
+    field = fl.OpenCVFlow("dis").pairs([a, shifted(a, dx, dy)])[0]
+    inner = field[16:-16, 16:-16]
+    assert fl.flow_mag(inner) == pytest.approx(np.hypot(dx, dy), rel=0.1, abs=0.1)
 
 
 def test_raft_small_runs_on_cpu_with_random_weights():
@@ -110,7 +142,12 @@ def test_chunked_remote_flow_equals_streaming_cpu_flow(synth_root, tmp_path, chu
         return dis.pairs(frames)
 
     def fetch(fields):
-        return [fl.flow_msq(f) for f in fields], [fl.downsample_flow(f, 8) for f in fields]
+        values = [fl.pair_values(f) for f in fields]
+        return (
+            [m for m, _ in values],
+            [g for _, g in values],
+            [fl.downsample_flow(f, 8) for f in fields],
+        )
 
     cpu = process_track(tmp_path / "cpu", track, opts, CpuPairs(fl.OpenCVFlow("dis"), 8))
     remote = process_track(tmp_path / "remote", track, opts, ChunkedPairs(submit, fetch, chunk))
@@ -118,6 +155,11 @@ def test_chunked_remote_flow_equals_streaming_cpu_flow(synth_root, tmp_path, chu
     assert [len(c) for c in remote["pair_msq"]] == [len(c) for c in cpu["pair_msq"]]
     flat = [m for c in cpu["pair_msq"] for m in c]
     assert [m for c in remote["pair_msq"] for m in c] == pytest.approx(flat, rel=1e-6)
+    assert [len(c) for c in remote["pair_mag"]] == [len(c) for c in cpu["pair_msq"]]
+    mags = [g for c in cpu["pair_mag"] for g in c]
+    assert [g for c in remote["pair_mag"] for g in c] == pytest.approx(mags, rel=1e-6)
+    assert all(g >= 0 and g * g <= m * (1 + 1e-5) for g, m in zip(mags, flat, strict=True))
+    assert any(g > 0 for g in mags)
     n_pairs = sum(len(c) for c in cpu["pair_msq"])
     assert sum(n - 1 for n in calls) == n_pairs  # chunks overlap by one frame: no pair twice
     a = np.load(tmp_path / "cpu" / track.track_id / "flow.npy")

@@ -14,6 +14,7 @@ from pipeline import subset as subset_mod
 from pipeline.inspect_build import format_inspect, inspect_build
 from pipeline.subset import WhereError, parse_where, subset_build
 from shards_spec import open_build, validate
+from shards_spec.format import distinct_pair_values, flow_stats
 from shards_spec.writer import sha256_file
 
 
@@ -42,14 +43,67 @@ def test_inspect_writes_pngs_and_counts(src, tmp_path):
     )
     grid = np.asarray(Image.open(out))
     tile, band = inspect_mod.TILE_MIN, inspect_mod.BAND
-    assert grid.shape == (5 * (tile + 2 * band), 3 * tile, 3)
+    assert grid.shape == (5 * (tile + 3 * band), 3 * tile, 3)  # a second label line: flow_mag
     assert Image.open(report["hist_png"]).format == "PNG"
+    assert Image.open(report["hist_png"]).size[0] == 1200  # two panels: flow_msq, flow_mag
+    assert {s: sum(c) for s, c in report["mag_hist"]["counts"].items()} == {"train": 20, "val": 8}
+    assert report["mag_stats"] == open_build(src).manifest["flow"]["mag_stats"]
     assert len(report["shown"]) == 5 and len(set(report["shown"])) == 5
     assert {s: sum(c) for s, c in report["hist"]["counts"].items()} == {"train": 20, "val": 8}
     assert len(report["hist"]["bins"]) == inspect_mod.HIST_BINS + 1
     assert inspect_build(src, str(tmp_path / "again.png"), n=5, seed=1)["shown"] == report["shown"]
     text = format_inspect(report)
     assert "train: 10 windows in 3 shards" in text and "val: 4 windows" in text
+    assert "flow_mag p5" in text
+
+
+def test_grid_shows_flow_mag_under_each_pair():
+    meta = {"weight": [1.0, 1.0], "flow_msq": [3.0, 7.0], "flow_mag": [1.5, 2.5]}
+    sample = {"key": "k", "frames": [np.zeros((8, 8, 3), np.uint8)] * 3, "meta": meta}
+    tile, band = inspect_mod.TILE_MIN, inspect_mod.BAND
+    grid = inspect_mod._grid([sample], 3, 8, mag=True)
+    mag_band = grid[band + tile + band :]
+    assert mag_band.shape[0] == band and (mag_band > 32).any()  # text drawn in the second line
+    assert not (inspect_mod._grid([sample], 3, 8)[band + tile + band :]).size  # 1.0: one line
+
+
+@pytest.fixture(scope="module")
+def old(tmp_path_factory):
+    """A spec 1.0 build: no flow_mag in the JSON or the index, no mag_stats."""
+    return make_build(
+        tmp_path_factory.mktemp("old"), n_train=10, n_val=4, with_flow=True, spec_version="1.0"
+    )
+
+
+def test_a_1_0_build_inspects_and_subsets_as_1_0(old, tmp_path):
+    report = inspect_build(old, str(tmp_path / "look.png"), n=3)
+    grid = np.asarray(Image.open(tmp_path / "look.png"))
+    tile, band = inspect_mod.TILE_MIN, inspect_mod.BAND
+    assert grid.shape == (3 * (tile + 2 * band), 3 * tile, 3)
+    assert report["mag_hist"] is None and report["mag_stats"] is None
+    assert "flow_mag" not in format_inspect(report)
+    summary = subset_build(old, tmp_path / "sub", n=6, where="flow_msq < 100", shard_size=4)
+    sub = open_build(tmp_path / "sub")
+    assert summary["samples"] == 6 and summary["mag_stats"] is None
+    assert sub.manifest["spec_version"] == "1.0" and "mag_stats" not in sub.manifest["flow"]
+    assert "flow_mag" not in sub.index().schema.names
+    assert validate(tmp_path / "sub") == []
+    with pytest.raises(WhereError, match="flow_mag is not in this build's index"):
+        subset_build(old, tmp_path / "sub2", where="flow_mag < 1")
+
+
+def test_subset_where_flow_mag_and_mag_stats(src, tmp_path):
+    rows = open_build(src).index().to_pylist()
+    cut = float(np.median([g for r in rows for g in r["flow_mag"]]))
+    want = [r["key"] for r in rows if all(g < cut for g in r["flow_mag"])]
+    assert 0 < len(want) < len(rows)
+    subset_build(src, tmp_path / "m", where=f"flow_mag < {cut!r}", shard_size=3)
+    sub = open_build(tmp_path / "m")
+    assert sub.index().column("key").to_pylist() == want
+    assert sub.manifest["spec_version"] == "1.1" and validate(tmp_path / "m") == []
+    train = [r for r in sub.index().to_pylist() if r["split"] == "train"]
+    assert sub.manifest["flow"]["mag_stats"] == flow_stats(distinct_pair_values(train, "flow_mag"))
+    assert sub.manifest["flow"]["mag_stats"]["count"] == sub.manifest["flow"]["stats"]["count"]
 
 
 def test_inspect_default_path_keeps_build_valid(tmp_path):

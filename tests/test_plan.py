@@ -19,10 +19,12 @@ def fake_track(seq: int, frame_ids: list[int], subject: str = "s0") -> Track:
 
 def fake_meta(frame_ids: list[int], clips: list[tuple[int, int]], seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
+    msq = [[float(x) for x in rng.random(e - s - 1) * 10] for s, e in clips]
     return {
         "frames": [[f, 0, 1] for f in frame_ids],
         "clips": [list(c) for c in clips],
-        "pair_msq": [[float(x) for x in rng.random(e - s - 1) * 10] for s, e in clips],
+        "pair_msq": msq,
+        "pair_mag": [[0.9 * float(np.sqrt(m)) + 0.001 * i for i, m in enumerate(c)] for c in msq],
         "skipped": [],
         "n_input": len(frame_ids),
     }
@@ -61,6 +63,20 @@ def test_windows_stay_inside_clips_and_short_clips_are_recorded():
     assert plan.sigma == pytest.approx(float(np.median(in_windows)))
     assert plan.flow_stats["train"]["count"] == 6
     assert plan.flow_stats["train"]["max"] == max(in_windows)
+    # flow_mag: each window's own pairs, right after flow_msq; stats over the same pairs
+    mags = [g for clip in meta["pair_mag"] for g in clip]
+    for i in ws:
+        j = plan.sample_json(i)
+        assert j["flow_mag"] == mags[plan.pair_index(i) : plan.pair_index(i) + 2]
+        keys = list(j)
+        assert keys[keys.index("flow_msq") + 1] == "flow_mag"
+    mag_in_windows = mags[0:4] + mags[5:7]
+    assert plan.mag_stats["train"]["count"] == plan.flow_stats["train"]["count"] == 6
+    assert plan.mag_stats["train"]["max"] == max(mag_in_windows)
+    assert plan.mag_stats["train"]["percentiles"]["p50"] == pytest.approx(
+        float(np.median(mag_in_windows))
+    )
+    assert plan.mag_stats["val"]["count"] == 0
 
 
 def _plan(n_seq: int = 10, **kw):

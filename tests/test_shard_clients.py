@@ -55,7 +55,13 @@ def real(tmp_path_factory) -> Path:
     return out
 
 
-BUILDS = ["full", "plain", "real"]
+@pytest.fixture(scope="module")
+def old(tmp_path_factory) -> Path:
+    """A spec 1.0 build (no flow_mag in the JSON or the index), with flow.npy."""
+    return make_build(tmp_path_factory.mktemp("old"), with_flow=True, spec_version="1.0")
+
+
+BUILDS = ["full", "plain", "real", "old"]
 
 
 @pytest.fixture(params=BUILDS)
@@ -115,7 +121,14 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "name, given",
-    [("full", True), ("plain", True), ("real", True), ("full", False), ("plain", False)],
+    [
+        ("full", True),
+        ("plain", True),
+        ("real", True),
+        ("old", True),
+        ("full", False),
+        ("plain", False),
+    ],
 )
 def test_hf_datasets_webdataset_loader(name, given, request, offline, no_unpickling, tmp_path):
     """With shards_spec.hf's features, or inferred where the first samples set every field.
@@ -157,6 +170,12 @@ def test_hf_datasets_webdataset_loader(name, given, request, offline, no_unpickl
         assert np.array_equal(as_torch["f0.png"].permute(1, 2, 0).numpy(), first["frames"][0])
         if "flow.npy" in members:  # an array (K-1, 2, h, w) of the same values
             assert np.array_equal(as_numpy["flow.npy"], first["flow"])
+
+
+def test_hf_features_have_flow_mag_from_spec_1_1(full, old):
+    pytest.importorskip("datasets")
+    assert "flow_mag" in hf_features(open_build(full))["json"]
+    assert "flow_mag" not in hf_features(open_build(old))["json"]
 
 
 # ------------------------------------------------------------------ (b) plain webdataset
@@ -253,6 +272,10 @@ def test_dataloader_over_the_reader(built, no_unpickling):
                 assert batch["clip_id"][i] == meta["clip_id"]
                 assert batch["frame_ids"][i].tolist() == meta["frame_ids"]
                 assert batch["flow_msq"][i].tolist() == meta["flow_msq"]
+                if "flow_mag" in meta:  # spec 1.1
+                    assert batch["flow_mag"][i].tolist() == meta["flow_mag"]
+                else:
+                    assert "flow_mag" not in batch
                 assert batch["weight"][i].tolist() == meta["weight"]
                 for k, frame in enumerate(want["frames"]):
                     assert np.array_equal(batch["frames"][i, k].permute(1, 2, 0).numpy(), frame)

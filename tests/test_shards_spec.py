@@ -13,10 +13,15 @@ from shardutil import edit_shard, make_build, make_samples
 import shards_spec
 from shards_spec import SPEC_VERSION, SpecError, open_build, validate
 from shards_spec.format import (
+    FLOW_MAG_SINCE,
     INDEX_SCHEMA,
+    INDEX_SCHEMA_1_0,
     frame_member,
+    has_flow_mag,
+    index_schema,
     load_schema,
     mask_member,
+    sample_schema,
     shard_path,
 )
 from shards_spec.reader import load_npy
@@ -37,12 +42,45 @@ def build(tmp_path_factory):
 
 
 def test_public_api():
-    assert shards_spec.SPEC_VERSION == SPEC_VERSION == "1.0"
+    assert shards_spec.SPEC_VERSION == SPEC_VERSION == "1.1" == FLOW_MAG_SINCE
     assert shards_spec.open_build is open_build and shards_spec.validate is validate
     assert shard_path("train", 3) == "train/train-000003.tar"
     assert frame_member(2) == "f2.png" and mask_member(0) == "mask0.png"
     assert load_schema("dataset")["type"] == "object"
     assert "frame_ids" in load_schema("sample")["required"]
+    assert "flow_mag" in load_schema("sample")["properties"]
+    assert "flow_mag" not in load_schema("sample")["required"]  # a 1.0 sample has none
+
+
+@pytest.mark.parametrize(
+    ("version", "has"),
+    [("1.0", False), ("1.00", False), ("1.1", True), ("1.2", True), ("1.10", True)],
+)
+def test_has_flow_mag_and_the_schemas_agree(build, version, has):
+    """has_flow_mag, the index columns, the sample schema and dataset.schema.json's if/else
+    give one answer per version."""
+    import jsonschema
+
+    manifest = {**json.loads((build / "dataset.json").read_text()), "spec_version": version}
+    assert has_flow_mag(manifest) is has
+    assert index_schema(manifest) == (INDEX_SCHEMA if has else INDEX_SCHEMA_1_0)
+    assert ("flow_mag" in sample_schema(manifest)["required"]) is has
+    without = {**manifest, "flow": {k: v for k, v in manifest["flow"].items() if k != "mag_stats"}}
+    errors = list(jsonschema.Draft202012Validator(load_schema("dataset")).iter_errors(without))
+    assert bool(errors) is has
+    if has:
+        assert "'mag_stats' is a required property" in errors[0].message
+    assert not list(jsonschema.Draft202012Validator(load_schema("dataset")).iter_errors(manifest))
+
+
+def test_has_flow_mag_needs_a_version():
+    with pytest.raises(SpecError, match="no spec_version"):
+        has_flow_mag({})
+    with pytest.raises(SpecError, match="bad spec_version"):
+        has_flow_mag({"spec_version": "one"})
+    assert INDEX_SCHEMA_1_0.names == [n for n in INDEX_SCHEMA.names if n != "flow_mag"]
+    names = INDEX_SCHEMA.names
+    assert names[names.index("flow_msq") + 1] == "flow_mag"
 
 
 def test_round_trip(build):
@@ -65,12 +103,14 @@ def test_round_trip(build):
                 assert got.shape == (32, 32) and np.array_equal(got, ref)
             assert s["flow"].dtype == np.float16 and np.array_equal(s["flow"], want["flow"])
             assert {k: v for k, v in s["meta"].items() if k != "weight"} == want["meta"]
+            assert len(s["meta"]["flow_mag"]) == 2
             assert s["meta"]["weight"] == pytest.approx(
                 np.exp(-np.array(want["meta"]["flow_msq"]) / b.manifest["flow"]["sigma"])
             )
             seen.append(s["key"])
     table = b.index()
     assert table.schema.equals(INDEX_SCHEMA)
+    assert has_flow_mag(b.manifest) and b.manifest["flow"]["mag_stats"]["count"] == 12
     assert table.column("key").to_pylist() == seen
     assert table.column("position").to_pylist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
     assert validate(build) == []
@@ -170,6 +210,21 @@ def test_reader_accepts_newer_minor(tmp_path):
     assert open_build(root).count("train") == 6
 
 
+def test_a_1_0_build_reads_and_validates(tmp_path):
+    """A 1.0 build (no flow_mag anywhere) is read and validated as 1.0."""
+    root = make_build(tmp_path, with_flow=True, with_masks=True, spec_version="1.0")
+    b = open_build(root)
+    assert b.manifest["spec_version"] == "1.0" and not has_flow_mag(b.manifest)
+    assert "mag_stats" not in b.manifest["flow"]
+    assert b.index().schema.equals(INDEX_SCHEMA_1_0)
+    samples = [s for split in b.splits for s in b.samples(split)]
+    assert len(samples) == 9 and all("flow_mag" not in s["meta"] for s in samples)
+    assert validate(root) == []
+    # the same build stamped 1.1 lacks what 1.1 requires
+    _set_version(root, "1.1")
+    assert any("'mag_stats' is a required property" in p for p in validate(root))
+
+
 def test_missing_or_bad_manifest(tmp_path):
     with pytest.raises(SpecError, match="dataset.json is missing"):
         open_build(tmp_path)
@@ -205,7 +260,8 @@ def test_spec_example_runs(build):
     from importlib import resources
 
     text = resources.files("shards_spec").joinpath("SPEC.md").read_text()
-    assert text.startswith("# Shard format 1.0")
+    assert text.startswith("# Shard format 1.1")
+    assert "## 11. Change log" in text and "flow_mag" in text
     code = text.split("```python\n")[-1].split("```")[0]
     scope: dict = {}
     exec(compile(code, "SPEC.md", "exec"), scope)

@@ -84,6 +84,17 @@ def test_raft_actor_path_on_cpu(synth_root, tmp_path):
     assert b.manifest["flow"]["random_weights"] is True
     s = next(b.samples("train"))
     assert s["flow"].shape == (2, 2, 8, 8) and s["flow"].dtype == np.float16
+    # the actor's flow_mag, beside flow_msq: K-1 values, mean(|F|)^2 <= mean(|F|^2)
+    rows = b.index(["flow_msq", "flow_mag"]).to_pylist()
+    for r in rows:
+        assert len(r["flow_mag"]) == 2
+        assert all(
+            g >= 0 and g * g <= m * (1 + 1e-5)
+            for g, m in zip(r["flow_mag"], r["flow_msq"], strict=True)
+        )
+    assert max(g for r in rows for g in r["flow_mag"]) > 0
+    flow = b.manifest["flow"]
+    assert flow["mag_stats"]["count"] == flow["stats"]["count"] > 0
 
 
 def test_missing_raft_weights_fail_before_work(synth_root, tmp_path, monkeypatch, capsys):

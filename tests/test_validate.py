@@ -13,8 +13,9 @@ import pytest
 from shardutil import edit_shard, make_build
 
 from shards_spec import validate
+from shards_spec.format import INDEX_SCHEMA_1_0
 from shards_spec.validate import main as validate_main
-from shards_spec.writer import encode_png, write_index
+from shards_spec.writer import encode_png, write_index, write_manifest
 
 SHARD = "train/train-000000.tar"
 KEY = "0000-cam0-00000000"
@@ -186,3 +187,97 @@ def test_main_reports_problems(root, capsys):
     (root / "val/val-000000.tar").unlink()
     assert validate_main([str(root)]) == 1
     assert "val/val-000000.tar: shard file missing" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ flow_mag (spec 1.1)
+
+
+def _edit_json(root, edit, key=KEY):
+    """Rewrite the json member of sample ``key`` of SHARD with ``edit(meta)`` (raw text kept
+    as json.dumps writes it, NaN included)."""
+
+    def members(ms):
+        out = []
+        for n, d in ms:
+            if n == f"{key}.json":
+                meta = json.loads(d)
+                edit(meta)
+                d = json.dumps(meta).encode()
+            out.append((n, d))
+        return out
+
+    edit_shard(root, SHARD, members)
+
+
+def test_flow_mag_missing_in_a_1_1_build(root):
+    _edit_json(root, lambda m: m.pop("flow_mag"))
+    assert _has(validate(root), KEY, "json (top level): 'flow_mag' is a required property")
+
+
+def test_flow_mag_negative(root):
+    _edit_json(root, lambda m: m["flow_mag"].__setitem__(0, -0.5))
+    assert _has(validate(root), KEY, "json flow_mag/0", "less than the minimum of 0")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_flow_mag_not_finite(root, bad):
+    _edit_json(root, lambda m: m["flow_mag"].__setitem__(1, bad))
+    assert _has(validate(root), KEY, "flow_mag", "non-finite values")
+
+
+def test_flow_mag_wrong_length(root):
+    _edit_json(root, lambda m: m["flow_mag"].append(0.1))
+    assert _has(validate(root), KEY, "flow_mag has 3 entries, expected 2")
+
+
+def test_flow_mag_larger_than_jensen_allows(root):
+    def edit(meta):
+        meta["flow_mag"][1] = 1.01 * float(np.sqrt(meta["flow_msq"][1])) + 1e-3
+
+    _edit_json(root, edit)
+    problems = validate(root)
+    assert _has(problems, KEY, "pair 1: flow_mag^2", "exceeds flow_msq")
+    assert not _has(problems, KEY, "pair 0: flow_mag^2")
+
+
+def test_flow_mag_equal_to_sqrt_msq_is_fine(root):
+    """A uniform field has mean |F| == sqrt(mean |F|^2): not a finding."""
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    assert rows[0]["key"] == KEY
+    rows[0]["flow_mag"] = [float(np.sqrt(x)) for x in rows[0]["flow_msq"]]
+    _edit_json(root, lambda m: m.__setitem__("flow_mag", rows[0]["flow_mag"]))
+    write_index(root / "index.parquet", rows)
+    assert validate(root) == []
+
+
+def test_index_flow_mag_disagrees_with_json(root):
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    rows[0]["flow_mag"] = [g + 0.25 for g in rows[0]["flow_mag"]]
+    write_index(root / "index.parquet", rows)
+    assert validate(root) == [f"index.parquet: row 0 ({KEY}): flow_mag differs from sample json"]
+
+
+def test_index_without_flow_mag_column_in_a_1_1_build(root):
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    write_index(root / "index.parquet", rows, INDEX_SCHEMA_1_0)
+    assert "index.parquet: column flow_mag missing" in validate(root)
+
+
+def test_mag_stats_missing_or_counting_other_pairs(root):
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["flow"]["mag_stats"]["count"] += 1
+    write_manifest(root / "dataset.json", manifest)
+    assert _has(validate(root), "flow.mag_stats counts 13 pairs, flow.stats 12")
+    del manifest["flow"]["mag_stats"]
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    assert _has(validate(root), "dataset.json flow: 'mag_stats' is a required property")
+
+
+def test_a_1_0_build_is_valid_without_flow_mag(tmp_path):
+    old = make_build(tmp_path, with_flow=True, spec_version="1.0")
+    assert validate(old) == []
+    # and 1.0 damage is still found
+    rows = pq.read_table(old / "index.parquet").to_pylist()
+    rows[0]["weight"] = [0.5, 0.5]
+    write_index(old / "index.parquet", rows, INDEX_SCHEMA_1_0)
+    assert validate(old) == [f"index.parquet: row 0 ({KEY}): weight differs from sample json"]
