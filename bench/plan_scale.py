@@ -93,7 +93,7 @@ def fabricate(sequences: int, cameras: int, frames: int, seed: int = 0):
             )  # fmt: skip
             # one track in 20 loses a frame to a decode error: two clips, maybe a short one
             bad = int(rng.integers(0, frames)) if rng.random() < 0.05 else -1
-            entries, skipped, clips, msq = [], [], [], []
+            entries, skipped, clips, msq, mag = [], [], [], [], []
             off = 0
             for f in ids:
                 if f == bad:
@@ -103,13 +103,16 @@ def fabricate(sequences: int, cameras: int, frames: int, seed: int = 0):
                 if not clips or entries[-1][0] != f - 1:
                     clips.append([len(entries), len(entries)])
                     msq.append([])
+                    mag.append([])
                 else:
                     msq[-1].append(float(rng.gamma(2.0, 1.5)))
+                    mag[-1].append(0.9 * msq[-1][-1] ** 0.5)  # mean |F| <= sqrt(mean |F|^2)
                 entries.append([f, off, n])
                 clips[-1][1] = len(entries)
                 off += n
             metas.append({"track_id": tracks[-1].track_id, "cache_key": fp, "frames": entries,
-                          "clips": clips, "pair_msq": msq, "skipped": skipped,
+                          "clips": clips, "pair_msq": msq, "pair_mag": mag,
+                          "skipped": skipped,
                           "n_input": frames, "has_masks": False, "flow_side": 224,
                           "retry": False})  # fmt: skip
         # frames of the sequence that are not green-screen, as discovery excludes them

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from shards_spec.format import SPEC_VERSION
+
 pytestmark = pytest.mark.slow  # `pipeline build` starts a local Ray cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +189,7 @@ def test_installed_package_is_the_wheel(venv):
     for file in got["files"]:
         assert file.startswith(venv["site"] + os.sep), file
     assert got["version"] == "0.2.0" and got["dist"].startswith(venv["site"])
-    assert got["spec"].startswith("# Shard format 1.0")
+    assert got["spec"].startswith(f"# Shard format {SPEC_VERSION}")
     assert got["schemas"] == ["object", "object"]
     repo = str(REPO)
     assert not [p for p in got["path"] if p == repo or p.startswith(repo + os.sep)]
