@@ -455,7 +455,7 @@ def _grad_stats_by_loop(model, sched, method, opts, probe) -> dict[str, float]:
     for i in range(len(probe)):
         part = slice(i, i + 1)
         noise = Noise(probe.noise.t[part], probe.noise.eps[part])
-        loss, _ = method.objective(model, sched, probe.x0[part], probe.flow_msq[part], noise, opts)
+        loss, _ = method.objective(model, sched, probe.x0[part], probe.flow_stat[part], noise, opts)
         g = torch.autograd.grad(loss.sum(), params)
         grads.append(torch.cat([x.double().flatten() for x in g]))
     stack = torch.stack(grads)

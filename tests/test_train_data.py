@@ -39,7 +39,7 @@ def merge(parts: list[dict]) -> dict:
         "epoch": parts[0]["epoch"],
         "step": parts[0]["step"],
         "frames": torch.cat([p["frames"] for p in parts]),
-        "flow_msq": torch.cat([p["flow_msq"] for p in parts]),
+        "flow_stat": torch.cat([p["flow_stat"] for p in parts]),
         "keys": [k for p in parts for k in p["keys"]],
         "bad": sum(p["bad"] for p in parts),
         "bad_shards": sorted({n for p in parts for n in p["bad_shards"]}),
@@ -66,13 +66,13 @@ def load(stream: Stream, start: int, n: int) -> list[dict]:
 
 
 def assert_same(a: list[dict], b: list[dict]) -> None:
-    """Two batch lists are equal: numbers, keys, frame bytes, flow_msq and bad counts."""
+    """Two batch lists are equal: numbers, keys, frame bytes, flow stats and bad counts."""
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         for field in ("g", "epoch", "step", "keys", "bad", "bad_shards"):
             assert x[field] == y[field], (field, x["g"])
         assert torch.equal(x["frames"], y["frames"])
-        assert torch.equal(x["flow_msq"], y["flow_msq"])
+        assert torch.equal(x["flow_stat"], y["flow_stat"])
 
 
 def samples_of(root: Path, split: str) -> list[tuple[str, str, dict[str, bytes]]]:
@@ -228,7 +228,7 @@ def test_iid_frames_are_uint8_rgb(small):
     batch = load(make_stream(small, batch=4), 0, 1)[0]
     assert batch["frames"].dtype == torch.uint8
     assert batch["frames"].shape == (4, 1, 32, 32, 3)
-    assert batch["flow_msq"].shape == (4, 0)
+    assert batch["flow_stat"].shape == (4, 0)
     for i, key in enumerate(batch["keys"]):
         expected = rgb(members[key]["f1.png"])
         assert np.array_equal(batch["frames"][i, 0].numpy(), expected)
@@ -240,13 +240,13 @@ def test_window_frames_and_flow_msq(small):
     members = {key: m for _, key, m in samples_of(small, "train")}
     batch = load(make_stream(small, frames=(0, 1, 2), batch=4), 0, 1)[0]
     assert batch["frames"].shape == (4, 3, 32, 32, 3)
-    assert batch["flow_msq"].shape == (4, 2) and batch["flow_msq"].dtype == torch.float64
+    assert batch["flow_stat"].shape == (4, 2) and batch["flow_stat"].dtype == torch.float64
     for i, key in enumerate(batch["keys"]):
         for k in range(3):
             expected = rgb(members[key][f"f{k}.png"])
             assert np.array_equal(batch["frames"][i, k].numpy(), expected)
         meta = json.loads(members[key]["json"])
-        assert batch["flow_msq"][i].tolist() == meta["flow_msq"]
+        assert batch["flow_stat"][i].tolist() == meta["flow_msq"]
 
 
 @pytest.mark.parametrize("size", [16, 8, 24])

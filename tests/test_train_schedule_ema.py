@@ -128,12 +128,15 @@ def test_recipe_sets_defaults_that_flags_override(build, tmp_path):
     assert config["lr"] == recipe.options["lr"]
 
 
-def test_unknown_recipe_and_schedule_are_usage_errors(capsys):
-    for flag, value in (("--recipe", "nope"), ("--schedule", "sigmoid")):
-        with pytest.raises(SystemExit) as info:
-            parse([flag, value])
-        assert info.value.code == 2
-        assert "invalid choice" in capsys.readouterr().err
+def test_unknown_recipe_and_schedule_are_usage_errors(build, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(["--schedule", "sigmoid"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(args(build, tmp_path / "run", "--recipe", "nope")) == 2  # one line, the names
+    err = capsys.readouterr().err
+    assert "unknown recipe 'nope'" in err and "cpu-short" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_bf16_autocast_on_cpu_is_an_option(build, tmp_path, capsys):

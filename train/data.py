@@ -69,6 +69,7 @@ class Stream:
     world: int = 1
     workers: int = 0  # loader workers of this rank (0: load in the training process)
     sha256: tuple[str, ...] = ()  # the manifest's checksums, checked on first open when given
+    flow_key: str = "flow_msq"  # the window JSON's per-pair flow statistic handed out
 
     @property
     def lanes(self) -> int:
@@ -108,6 +109,28 @@ def to_unit(frames: torch.Tensor, device) -> torch.Tensor:
     return x.float().div_(127.5).sub_(1.0).contiguous()
 
 
+def hflip_coins(seed: int, step: int, batch: int) -> np.ndarray:
+    """Which windows of global batch `step` are flipped (``--hflip``): one fair coin per
+    position in the global batch of `batch` windows, from ``(seed, step)`` alone, so a resumed
+    run and any split of the batch over ranks draw the same coins."""
+    return np.random.default_rng([seed, step, 0xF11B]).random(batch) < 0.5
+
+
+def hflip(x0: torch.Tensor, coins: np.ndarray) -> torch.Tensor:
+    """Windows ``x0`` ``(B, k, C, H, W)`` with window ``i`` mirrored left to right, every frame
+    of it alike, where ``coins[i]``."""
+    flip = torch.from_numpy(coins).to(x0.device).view(-1, *([1] * (x0.dim() - 1)))
+    return torch.where(flip, x0.flip(-1), x0)
+
+
+def hflip_windows(x0: torch.Tensor, seed: int, step: int, rank: int = 0, world: int = 1):
+    """``--hflip`` on a rank's part ``x0`` of global batch `step` (each rank holds ``B`` of its
+    ``B * world`` windows, rank 0 first): the coins of the windows' places in the global batch,
+    so any world size flips the windows one process would."""
+    b = x0.shape[0]
+    return hflip(x0, hflip_coins(seed, step, b * world)[rank * b : (rank + 1) * b])
+
+
 def stream_for(
     build: Build,
     split: str,
@@ -121,8 +144,10 @@ def stream_for(
     workers: int = 0,
     url_template: str | None = None,
     verify: bool = False,
+    flow_key: str = "flow_msq",
 ) -> Stream:
-    """The Stream of `split` of `build` for one rank; `batch` is the global batch.
+    """The Stream of `split` of `build` for one rank; `batch` is the global batch; each
+    window's `flow_key` (``flow_msq`` or ``flow_mag``) is read from its JSON.
 
     `url_template` maps a shard path to a URL.
     ``url_template`` holds ``{path}`` (``pipe:curl -s https://host/build/{path}``) or is a
@@ -149,6 +174,7 @@ def stream_for(
         world=world,
         workers=workers,
         sha256=tuple(s["sha256"] for s in shards) if verify else (),
+        flow_key=flow_key,
     )
     if verify:
         check_verifiable(urls)
@@ -231,7 +257,8 @@ def segment_order(stream: Stream, epoch: int, seg: Segment) -> np.ndarray:
 
 
 def decode_window(raw: dict, stream: Stream, out: np.ndarray | None = None) -> tuple:
-    """One raw sample -> frames uint8 ``(k, H, W, 3)`` RGB and flow_msq float64 ``(k-1,)``.
+    """One raw sample -> frames uint8 ``(k, H, W, 3)`` RGB and its ``stream.flow_key``
+    (``flow_msq`` or ``flow_mag``) float64 ``(k-1,)``.
 
     Frames are written into `out` when given (a slot of a batch: no copy). Only the PNG
     members in ``stream.frames`` and the JSON member are decoded. Raises DataError on anything
@@ -254,17 +281,18 @@ def decode_window(raw: dict, stream: Stream, out: np.ndarray | None = None) -> t
         if n != side:
             img = cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA)
         cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=out[j])
+    name = stream.flow_key
     try:
         meta = json.loads(raw[JSON_MEMBER].decode("utf-8"))
-        msq = np.asarray(meta["flow_msq"], np.float64)
-        if msq.ndim != 1:
-            raise ValueError("flow_msq is not a list")
+        stat = np.asarray(meta[name], np.float64)
+        if stat.ndim != 1:
+            raise ValueError(f"{name} is not a list")
     except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise DataError(f"{key}.json: unusable ({exc})") from exc
     lo, hi = stream.frames[0], stream.frames[-1]
-    pairs = msq[lo:hi]
+    pairs = stat[lo:hi]
     if len(stream.frames) > 1 and (len(pairs) != hi - lo or not np.all(np.isfinite(pairs))):
-        raise DataError(f"{key}.json: flow_msq {meta['flow_msq']!r} does not fit the window")
+        raise DataError(f"{key}.json: {name} {meta[name]!r} does not fit the window")
     return out, pairs
 
 
@@ -299,7 +327,7 @@ Fill = Callable[[np.ndarray], tuple[np.ndarray, str, bool]]
 
 def _segment_windows(stream: Stream, epoch: int, seg: Segment, skip: int) -> Iterator[Fill]:
     """For each window of a segment in its shuffled order, from the `skip`-th on, a function
-    that decodes it into a batch slot and returns ``(flow_msq, key, bad)``.
+    that decodes it into a batch slot and returns ``(flow_stat, key, bad)``.
 
     A window that does not decode is replaced by the nearest good one before it, else after
     it, in the segment's order (``bad`` True).
@@ -336,7 +364,8 @@ def lane_batches(stream: Stream, lane: int, start: int) -> Iterator[dict]:
     """`lane`'s part of every global batch from `start` on, epoch after epoch (endless).
 
     Each part: ``g`` (global batch number), ``epoch``, ``step``, ``lane``, ``frames`` uint8
-    RGB ``(lane_batch, k, H, W, 3)``, ``flow_msq`` float64 ``(lane_batch, k-1)``, ``keys``,
+    RGB ``(lane_batch, k, H, W, 3)``, ``flow_stat`` float64 ``(lane_batch, k-1)`` (the
+    windows' ``stream.flow_key``), ``keys``,
     ``bad`` (windows replaced) and ``bad_shards`` (their shards).
     """
     S, b, n = stream.steps_per_epoch, stream.lane_batch, stream.image_size
@@ -346,11 +375,11 @@ def lane_batches(stream: Stream, lane: int, start: int) -> Iterator[dict]:
         windows = _lane_windows(stream, epoch, lane, skip=first * b)
         for step in range(first, S):
             frames = np.empty((b, k, n, n, 3), np.uint8)
-            msq = np.empty((b, k - 1), np.float64)
+            stat = np.empty((b, k - 1), np.float64)
             keys, bad_shards, bad = [], set(), 0
             for i in range(b):
                 fill, name = next(windows)
-                msq[i], key, replaced = fill(frames[i])
+                stat[i], key, replaced = fill(frames[i])
                 keys.append(key)
                 if replaced:
                     bad, bad_shards = bad + 1, bad_shards | {name}
@@ -360,7 +389,7 @@ def lane_batches(stream: Stream, lane: int, start: int) -> Iterator[dict]:
                 "step": step,
                 "lane": lane,
                 "frames": torch.from_numpy(frames),
-                "flow_msq": torch.from_numpy(msq),
+                "flow_stat": torch.from_numpy(stat),
                 "keys": keys,
                 "bad": bad,
                 "bad_shards": sorted(bad_shards),
@@ -486,7 +515,7 @@ def _concat(parts: list[dict]) -> dict:
         # numpy copies on this thread; torch.cat would wake the intra-op pool, whose spinning
         # threads take the cores the loader workers run on
         "frames": torch.from_numpy(np.concatenate([p["frames"].numpy() for p in parts])),
-        "flow_msq": torch.from_numpy(np.concatenate([p["flow_msq"].numpy() for p in parts])),
+        "flow_stat": torch.from_numpy(np.concatenate([p["flow_stat"].numpy() for p in parts])),
         "keys": [k for p in parts for k in p["keys"]],
         "bad": sum(p["bad"] for p in parts),
         "bad_shards": sorted({n for p in parts for n in p["bad_shards"]}),
@@ -501,11 +530,12 @@ def fixed_windows(
     image_size: int,
     url_template: str | None = None,
     verify: bool = False,
+    flow_key: str = "flow_msq",
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first `n` decodable windows of `split` in shard order (a fixed evaluation set).
 
-    Returns frames uint8 RGB ``(n', k, H, W, 3)``, flow_msq ``(n', k-1)`` and the keys; windows
-    that fail to decode are passed over. With `verify`, each shard opened is checked against
+    Returns frames uint8 RGB ``(n', k, H, W, 3)``, their `flow_key` ``(n', k-1)`` and the
+    keys; windows that fail to decode are passed over. With `verify`, each shard opened is checked against
     the manifest's sha256 first.
     """
     stream = Stream(
@@ -517,13 +547,14 @@ def fixed_windows(
         image_size=image_size,
         batch=1,
         seed=0,
+        flow_key=flow_key,
     )
     samples = raw_samples(stream.urls)
     if verify:
         shards = build.manifest["splits"][split]["shards"]
         check_verifiable(stream.urls)
         samples = _verified_samples(stream.urls, shards)
-    got_frames, got_msq, keys = [], [], []
+    got_frames, got_stat, keys = [], [], []
     try:
         for raw in samples if n > 0 else ():
             try:
@@ -531,7 +562,7 @@ def fixed_windows(
             except DataError:
                 continue
             got_frames.append(f)
-            got_msq.append(m)
+            got_stat.append(m)
             keys.append(raw["__key__"])
             if len(keys) >= n:
                 break
@@ -541,7 +572,7 @@ def fixed_windows(
         ) from None
     if not keys:
         raise DataError(f"split {split!r} of {build.path} has no decodable window")
-    return torch.from_numpy(np.stack(got_frames)), torch.from_numpy(np.stack(got_msq)), keys
+    return torch.from_numpy(np.stack(got_frames)), torch.from_numpy(np.stack(got_stat)), keys
 
 
 def _verified_samples(urls: Sequence[str], shards: list[dict]) -> Iterator[dict]:

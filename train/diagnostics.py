@@ -27,14 +27,14 @@ class FixedSet:
     """Windows with their noise fixed once: the validation set or the probe batch."""
 
     x0: Tensor  # (n, k, C, H, W) in [-1, 1]
-    flow_msq: Tensor  # (n, k-1)
+    flow_stat: Tensor  # (n, k-1): the flow statistic the method's weights read
     noise: Noise
 
     def __len__(self) -> int:
         return self.x0.shape[0]
 
 
-def validation_set(frames: Tensor, msq: Tensor, T: int, device) -> FixedSet:
+def validation_set(frames: Tensor, stat: Tensor, T: int, device) -> FixedSet:
     """Fixed t evenly spread over [0, T) and fixed eps for single frames (loader layout)."""
     x0 = to_unit(frames, device)
     n = x0.shape[0]
@@ -42,17 +42,17 @@ def validation_set(frames: Tensor, msq: Tensor, T: int, device) -> FixedSet:
     t = ((torch.arange(n, dtype=torch.float64) + 0.5) * T / n).long().clamp(0, T - 1)
     eps = torch.randn(x0.shape, generator=gen)
     noise = Noise(t[:, None].to(device), eps.to(device))
-    return FixedSet(x0, msq.to(device), noise)
+    return FixedSet(x0, stat.to(device), noise)
 
 
-def probe_set(frames: Tensor, msq: Tensor, method: Method, T: int, device) -> FixedSet:
+def probe_set(frames: Tensor, stat: Tensor, method: Method, T: int, device) -> FixedSet:
     """The probe batch with noise drawn once, shared per window when the method shares it."""
     x0 = to_unit(frames, device)
     gen = torch.Generator().manual_seed(FIXED_SEED + 1)
     noise = draw_noise(tuple(x0.shape), method.shared_noise, T, gen, "cpu")
     return FixedSet(
         x0,
-        msq.to(device),
+        stat.to(device),
         Noise(noise.t.contiguous().to(device), noise.eps.contiguous().to(device)),
     )
 
@@ -94,11 +94,11 @@ def gradient_variance(
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
-    def sample_loss(p, x0, msq, t, eps):
+    def sample_loss(p, x0, stat, t, eps):
         def net(xt, tt, capture=None):
             return functional_call(model, (p, buffers), (xt, tt), {"capture": capture})
 
-        loss, _ = objective(net, sched, x0[None], msq[None], Noise(t[None], eps[None]), opts)
+        loss, _ = objective(net, sched, x0[None], stat[None], Noise(t[None], eps[None]), opts)
         return loss.sum()
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0, 0))
@@ -110,8 +110,8 @@ def gradient_variance(
     with plain_attention(model):  # vmap runs through matmul and softmax, not the fused kernel
         for i in range(0, n, chunk):
             part = slice(i, i + chunk)
-            x0, msq = probe.x0[part], probe.flow_msq[part]
-            grads = per_sample(params, x0, msq, probe.noise.t[part], probe.noise.eps[part])
+            x0, stat = probe.x0[part], probe.flow_stat[part]
+            grads = per_sample(params, x0, stat, probe.noise.t[part], probe.noise.eps[part])
             for k, g in grads.items():
                 total[k] += g.sum(0)
                 sq += float(g.double().pow(2).sum())

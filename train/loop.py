@@ -165,11 +165,14 @@ class StepResult:
 
 def train_step(run: Run, parts: Parts, batch: dict, step: int, lr: float) -> StepResult:
     """One optimizer step on `batch`: forward and backward over the ``--grad-accum``
-    micro-batches, loss averaged over ranks, clip, step, EMA. The noise is seeded from
-    ``(seed, step)`` and dropout from ``(seed, rank, step)``, so a resumed run repeats it."""
+    micro-batches, loss averaged over ranks, clip, step, EMA. The noise (and ``--hflip``'s
+    coins) is seeded from ``(seed, step)`` and dropout from ``(seed, rank, step)``, so a
+    resumed run repeats it."""
     cfg, world = run.cfg, run.world
     x0 = data.to_unit(batch["frames"], world.device)
-    flow_msq = batch["flow_msq"].to(world.device, non_blocking=True)
+    if cfg.hflip:
+        x0 = data.hflip_windows(x0, cfg.seed, step, world.rank, world.size)
+    flow_stat = batch["flow_stat"].to(world.device, non_blocking=True)
     torch.manual_seed(_step_seed(cfg.seed, world.rank + 1, step))  # dropout: per rank
     gen = torch.Generator(world.device).manual_seed(_step_seed(cfg.seed, 0, step))  # noise
     noise = _rank_noise(run, x0.shape, gen)
@@ -178,7 +181,7 @@ def train_step(run: Run, parts: Parts, batch: dict, step: int, lr: float) -> Ste
     # on a diagnostic step DDP does not all-reduce: _ddp_deviation does, comparing the ranks
     check_ddp = world.distributed and _due(cfg.diag_every, step + 1)
     micro = list(
-        zip(*(v.chunk(cfg.grad_accum) for v in (x0, flow_msq, noise.t, noise.eps)), strict=True)
+        zip(*(v.chunk(cfg.grad_accum) for v in (x0, flow_stat, noise.t, noise.eps)), strict=True)
     )
     local: dict[str, float] = {}
     for i, (x, m, t, eps) in enumerate(micro):

@@ -1,8 +1,10 @@
 """The training objectives: the paper's method and every variant it compares, side by side.
 
 Every objective takes the model, the schedule, a batch of windows ``x0`` of shape
-``(B, k, C, H, W)`` in [-1, 1], their ``flow_msq`` ``(B, k-1)``, the noise ``(t, eps)`` drawn by
-`draw_noise` and the options, and returns the per-window loss ``(B,)`` plus named per-window terms.
+``(B, k, C, H, W)`` in [-1, 1], their per-pair flow statistic ``flow_stat`` ``(B, k-1)`` (the
+window JSON's ``flow_msq``, or ``flow_mag`` with ``--flow-stat mag``: `FLOW_STATS`), the noise
+``(t, eps)`` drawn by `draw_noise` and the options, and returns the per-window loss ``(B,)``
+plus named per-window terms.
 The denoising loss of a window is the mean over its frames of the mean squared error of the
 network's output (the noise, or v: the schedule's ``prediction``), so it is on the same scale as
 a single frame's; the regularisers compare predicted noise, whatever the network outputs.
@@ -25,7 +27,9 @@ class Options:
     """The objective's knobs (see ``python -m train --help``)."""
 
     lam: float = 1.0  # weight of the temporal regulariser
-    sigma: float = 1.0  # flow: w = exp(-flow_msq / sigma)
+    weighting: str = "exp"  # flow: the weight of a pair from its flow statistic (WEIGHTINGS)
+    sigma: float = 1.0  # flow, exp: w = exp(-flow_stat / sigma)
+    flow_scale: float = 1.0  # flow, inverse: w = 1 / (1 + flow_stat / flow_scale)
     delta: int = 5  # divergence: the step Delta of the finite difference
     sigma_div: float = 1.0  # divergence: w = exp(-|Ddot| / sigma_div)
     disp_weight: float = 0.5  # dispersive: weight of the dispersive loss
@@ -102,6 +106,25 @@ def flow_weights(flow_msq: Tensor, sigma: float) -> Tensor:
     return torch.exp(-flow_msq.float() / sigma)
 
 
+def inverse_weights(flow_stat: Tensor, scale: float) -> Tensor:
+    """w = 1 / (1 + flow_stat / scale) per adjacent pair (the public code's, with scale 1)."""
+    return 1.0 / (1.0 + flow_stat.float() / scale)
+
+
+def _exp(flow_stat: Tensor, opts: Options) -> Tensor:
+    return flow_weights(flow_stat, opts.sigma)
+
+
+def _inverse(flow_stat: Tensor, opts: Options) -> Tensor:
+    return inverse_weights(flow_stat, opts.flow_scale)
+
+
+# --weighting of the flow method: a pair's weight from its flow statistic
+WEIGHTINGS: dict[str, Callable[[Tensor, Options], Tensor]] = {"exp": _exp, "inverse": _inverse}
+# --flow-stat: the per-pair statistic the flow weights read, by the window JSON key holding it
+FLOW_STATS = {"msq": "flow_msq", "mag": "flow_mag"}
+
+
 def divergence_rate(sched: Schedule, x0: Tensor, noise: Noise, delta: int) -> Tensor:
     """|Ddot| per adjacent pair (B, k-1) from the noisy frames at t - delta and t + delta.
 
@@ -126,50 +149,51 @@ def divergence_rate(sched: Schedule, x0: Tensor, noise: Noise, delta: int) -> Te
         return ((spread(hi) - spread(lo)) / span[:, None]).abs()
 
 
-def _regularised(model, sched, x0, flow_msq, noise, opts: Options, weights) -> tuple:
+def _regularised(model, sched, x0, flow_stat, noise, opts: Options, weights) -> tuple:
     p = _predict(model, sched, x0, noise)
-    w = weights(sched, x0, flow_msq, noise, opts)
+    w = weights(sched, x0, flow_stat, noise, opts)
     reg = (w * pair_mismatch(p.eps_hat)).sum(1)
     loss = p.denoise + opts.lam * reg
     return loss, {"denoise": p.denoise, "reg": reg, "w_mean": w.mean(1)}
 
 
-def iid(model, sched, x0, flow_msq, noise, opts: Options):
+def iid(model, sched, x0, flow_stat, noise, opts: Options):
     """Single frames, independent t and eps: the baseline."""
     denoise = _predict(model, sched, x0, noise).denoise
     return denoise, {"denoise": denoise}
 
 
-def seq(model, sched, x0, flow_msq, noise, opts: Options):
+def seq(model, sched, x0, flow_stat, noise, opts: Options):
     """All frames of each window, independent t and eps, no regulariser."""
-    return iid(model, sched, x0, flow_msq, noise, opts)
+    return iid(model, sched, x0, flow_stat, noise, opts)
 
 
-def adjacent(model, sched, x0, flow_msq, noise, opts: Options):
+def adjacent(model, sched, x0, flow_stat, noise, opts: Options):
     """Shared noise, regulariser with w = 1."""
 
-    def ones(sched, x0, flow_msq, noise, opts):
+    def ones(sched, x0, flow_stat, noise, opts):
         return torch.ones(x0.shape[0], x0.shape[1] - 1, device=x0.device)
 
-    return _regularised(model, sched, x0, flow_msq, noise, opts, ones)
+    return _regularised(model, sched, x0, flow_stat, noise, opts, ones)
 
 
-def flow(model, sched, x0, flow_msq, noise, opts: Options):
-    """Shared noise, w = exp(-flow_msq / sigma): the paper's method."""
+def flow(model, sched, x0, flow_stat, noise, opts: Options):
+    """Shared noise, w = exp(-flow_msq / sigma): the paper's method (``opts.weighting``
+    ``inverse``: w = 1 / (1 + flow_stat / flow_scale), the public code's)."""
 
-    def by_flow(sched, x0, flow_msq, noise, opts):
-        return flow_weights(flow_msq, opts.sigma)
+    def by_flow(sched, x0, flow_stat, noise, opts):
+        return WEIGHTINGS[opts.weighting](flow_stat, opts)
 
-    return _regularised(model, sched, x0, flow_msq, noise, opts, by_flow)
+    return _regularised(model, sched, x0, flow_stat, noise, opts, by_flow)
 
 
-def divergence(model, sched, x0, flow_msq, noise, opts: Options):
+def divergence(model, sched, x0, flow_stat, noise, opts: Options):
     """Shared noise, w = exp(-|Ddot| / sigma_div) from the trajectory divergence (sec. 3.5)."""
 
-    def by_divergence(sched, x0, flow_msq, noise, opts):
+    def by_divergence(sched, x0, flow_stat, noise, opts):
         return torch.exp(-divergence_rate(sched, x0, noise, opts.delta) / opts.sigma_div)
 
-    return _regularised(model, sched, x0, flow_msq, noise, opts, by_divergence)
+    return _regularised(model, sched, x0, flow_stat, noise, opts, by_divergence)
 
 
 def dispersive_loss(feat: Tensor, tau: float) -> Tensor:
@@ -180,7 +204,7 @@ def dispersive_loss(feat: Tensor, tau: float) -> Tensor:
     return torch.logsumexp(-d2.flatten() / tau, 0) - math.log(n * n)
 
 
-def dispersive(model, sched, x0, flow_msq, noise, opts: Options):
+def dispersive(model, sched, x0, flow_stat, noise, opts: Options):
     """iid plus Dispersive Loss on one UNet block's activation (a batch term, shared by all)."""
     p = _predict(model, sched, x0, noise, capture=opts.disp_block)
     disp = dispersive_loss(p.feat, opts.disp_tau).expand(p.denoise.shape)
@@ -193,7 +217,14 @@ METHODS: dict[str, Method] = {
         Method("iid", iid, False, False, "centre frames, independent t and eps (baseline)"),
         Method("seq", seq, True, False, "all K frames of each window, independent noise"),
         Method("adjacent", adjacent, True, True, "shared noise, regulariser with w = 1"),
-        Method("flow", flow, True, True, "shared noise, w = exp(-flow_msq / sigma) (the paper)"),
+        Method(
+            "flow",
+            flow,
+            True,
+            True,
+            "shared noise, w = exp(-flow_msq / sigma) (the paper); --weighting inverse: "
+            "w = 1 / (1 + m / --flow-scale), with --flow-stat mag the public code's",
+        ),
         Method("divergence", divergence, True, True, "shared noise, w from trajectory divergence"),
         Method("dispersive", dispersive, False, False, "iid plus Dispersive Loss"),
     )

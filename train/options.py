@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from shards_spec.cli import add_debug_flag
 from train.diffusion import DEFAULT_PREDICTION, DEFAULT_SCHEDULE, PREDICTIONS, SCHEDULES
-from train.objectives import METHODS, WINDOW_METHODS
-from train.recipes import RECIPES
+from train.objectives import FLOW_STATS, METHODS, WEIGHTINGS, WINDOW_METHODS
+from train.recipes import RECIPES, recipe_options, recipe_per_kind, unknown_recipe
 
 # the paper's settings: baselines 256 frames for 500 epochs, window methods 128 windows for 300
 PAPER_BATCH = {"windows": 128, "frames": 256}
@@ -23,6 +23,10 @@ LEGACY_DEFAULTS = {
     "ema_warmup": False,
     "recipe": None,
     "precision": "auto",
+    "weighting": "exp",
+    "flow_stat": "msq",
+    "flow_scale": None,
+    "hflip": False,
 }
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("cuda", "cpu")
@@ -56,7 +60,10 @@ class TrainConfig:
     batch: int | None = _field()  # global: windows (window methods) or frames (iid, dispersive)
     grad_accum: int = _field(1, variant=False)
     lam: float = _field(1.0)
+    weighting: str = _field("exp")  # flow: exp(-m / sigma) or 1 / (1 + m / flow_scale)
+    flow_stat: str = _field("msq")  # flow: m is the pair's flow_msq or flow_mag
     sigma: float | None = _field()
+    flow_scale: float | str | None = _field()  # a number or "median"; resolved to a number
     delta: int = _field(5)
     sigma_div: float | None = _field()
     disp_weight: float = _field(0.5)
@@ -81,6 +88,7 @@ class TrainConfig:
     diag_every: int = _field(1000, **_MACHINERY, study=True)
     probe_size: int = _field(16, variant=False)
     image_size: int | None = _field()
+    hflip: bool = _field(False)  # each window flipped (all its frames) with probability 0.5
     workers: int | None = _field(**_MACHINERY)  # allowed on resume, with a warning: data order
     shard_url: str | None = _field(**_MACHINERY)
     verify_shards: bool = _field(False, **_MACHINERY)
@@ -151,8 +159,9 @@ def parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument(
         "--recipe",
-        choices=list(RECIPES),
-        help=f"a named set of defaults (options given on the command line still win). {recipes}",
+        help="a named set of defaults, or several separated by commas, applied in order (a "
+        "later recipe's value wins; options given on the command line win over all): "
+        f"--recipe cpu-short,public-code. {recipes}",
     )
     run.add_argument("--shards", default=d.shards, help="the build (folder with dataset.json)")
     run.add_argument("--method", default=d.method, help=f"objective. {methods}")
@@ -238,10 +247,32 @@ def parser() -> argparse.ArgumentParser:
         help="weight of the temporal regulariser (adjacent, flow, divergence)",
     )
     obj.add_argument(
+        "--weighting",
+        choices=list(WEIGHTINGS),
+        default=d.weighting,
+        help="flow: the weight of a pair from its flow statistic m (--flow-stat): exp is "
+        "w = exp(-m / sigma) (the paper's text), inverse is w = 1 / (1 + m / --flow-scale) "
+        "(the public code's, with m the mean flow magnitude and scale 1)",
+    )
+    obj.add_argument(
+        "--flow-stat",
+        choices=list(FLOW_STATS),
+        default=d.flow_stat,
+        help="flow: m is the pair's mean squared flow magnitude flow_msq (the paper's text) or "
+        "its mean magnitude flow_mag (the public code's; builds of spec 1.1 or later)",
+    )
+    obj.add_argument(
         "--sigma",
         type=float,
-        help="flow: recompute w = exp(-flow_msq / sigma) with this sigma (default: the "
-        "manifest's, the median train flow_msq)",
+        help="flow, --weighting exp: w = exp(-m / sigma) with this sigma (default: the "
+        "manifest's median train m: its sigma for flow_msq, its mag_stats p50 for flow_mag)",
+    )
+    obj.add_argument(
+        "--flow-scale",
+        type=_flow_scale,
+        help="flow, --weighting inverse: w = 1 / (1 + m / scale) with this positive scale, or "
+        "'median': the manifest's median train m (the normalised variant) (default: 1); "
+        "config.json records the number",
     )
     obj.add_argument("--delta", type=int, default=d.delta, help="divergence: finite step Delta")
     obj.add_argument(
@@ -261,6 +292,15 @@ def parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         help="train at this side, area-downsampled on load (default: the build's)",
+    )
+    data.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=d.hflip,
+        help="flip each window horizontally (all its frames alike; a frame of iid and "
+        "dispersive is its own window) with probability 0.5, the coin drawn from the seed, the "
+        "step and the window's place in the global batch (exact resume, any world size); "
+        "flow statistics are unchanged by a flip; never the validation or probe sets",
     )
     data.add_argument(
         "--workers",
@@ -338,9 +378,9 @@ def parse_command(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     """`parse`, and whether ``--debug`` (tracebacks, not a training option) was given."""
     p = parser()
     add_debug_flag(p)
-    recipe = p.parse_args(argv).recipe
-    if recipe is not None:
-        p.set_defaults(**RECIPES[recipe].options)
+    first = p.parse_args(argv)
+    if first.recipe is not None:  # method: a recipe's flow-only values are for flow only
+        p.set_defaults(**recipe_options(first.recipe, first.method))
     given = vars(p.parse_args(argv))
     debug = given.pop("debug")
     return TrainConfig(**given), debug
@@ -349,13 +389,13 @@ def parse_command(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fill the method-dependent defaults (batch, epochs, steps) in a copy of `cfg`.
 
-    Without a recipe they are the paper's; a recipe names its own per kind of method.
+    Without a recipe they are the paper's; a recipe names its own per kind of method (of
+    several, the last that names them).
     """
     kind = "windows" if cfg.method in WINDOW_METHODS else "frames"
-    recipe = RECIPES.get(cfg.recipe)
-    batch = recipe.batch if recipe and recipe.batch else PAPER_BATCH
-    epochs = recipe.epochs if recipe and recipe.epochs else PAPER_EPOCHS
-    steps = recipe.max_steps if recipe and recipe.max_steps else {}
+    batch = recipe_per_kind(cfg.recipe, "batch") or PAPER_BATCH
+    epochs = recipe_per_kind(cfg.recipe, "epochs") or PAPER_EPOCHS
+    steps = recipe_per_kind(cfg.recipe, "max_steps") or {}
     return dataclasses.replace(
         cfg,
         batch=cfg.batch if cfg.batch is not None else batch[kind],
@@ -382,8 +422,13 @@ def check(cfg: TrainConfig) -> None:
         )
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if cfg.recipe is not None and cfg.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {cfg.recipe!r}: use one of {', '.join(RECIPES)}")
+    bad = unknown_recipe(cfg.recipe)
+    if bad is not None:
+        raise ValueError(
+            f"unknown recipe {bad!r} in --recipe {cfg.recipe!r}: use one of "
+            f"{', '.join(RECIPES)}, or several separated by commas"
+        )
+    _check_weighting(cfg)
     positive = {
         "batch": cfg.batch,
         "grad_accum": cfg.grad_accum,
@@ -411,6 +456,51 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.workers is not None and cfg.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+
+
+def _check_weighting(cfg: TrainConfig) -> None:
+    """Raise ValueError (one line) for flow-weighting options that do not go together."""
+    if cfg.weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {cfg.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+    if cfg.flow_stat not in FLOW_STATS:
+        raise ValueError(f"unknown flow stat {cfg.flow_stat!r}: use one of {', '.join(FLOW_STATS)}")
+    if cfg.method != "flow":
+        given = [
+            f"{flag} {value}"
+            for flag, value, default in (
+                ("--weighting", cfg.weighting, "exp"),
+                ("--flow-stat", cfg.flow_stat, "msq"),
+                ("--flow-scale", cfg.flow_scale, None),
+            )
+            if value != default
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: for --method flow only (the flow weights), not {cfg.method}"
+            )
+    if cfg.weighting == "inverse" and cfg.sigma is not None:
+        raise ValueError(
+            "--sigma is exp's (w = exp(-m / sigma)); --weighting inverse takes --flow-scale"
+        )
+    if cfg.weighting == "exp" and cfg.flow_scale is not None:
+        raise ValueError(
+            "--flow-scale is inverse's (w = 1 / (1 + m / scale)); --weighting exp takes --sigma"
+        )
+    scale = cfg.flow_scale
+    if scale is not None and scale != "median":
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise ValueError(f"--flow-scale must be a positive number or 'median', got {scale!r}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"--flow-scale must be a positive number or 'median', got {scale}")
+
+
+def _flow_scale(text: str) -> float | str:
+    """--flow-scale as a number when it reads as one (argparse type); `check` refuses the
+    rest but the word median, in one line."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _flag(name: str) -> str:

@@ -18,12 +18,12 @@ import torch
 
 from shards_spec import Build, open_build
 from shards_spec.atomic import atomic_write_text
-from shards_spec.format import MANIFEST_NAME
+from shards_spec.format import FLOW_MAG_SINCE, MANIFEST_NAME, has_flow_mag
 from train import checkpoint, data, diagnostics, folder_lock
 from train.diffusion import Schedule
 from train.distributed import World, broadcast_float
 from train.metrics import METRICS_NAME, read_metrics
-from train.objectives import Method, Options, auto_sigma_div, get_method
+from train.objectives import FLOW_STATS, Method, Options, auto_sigma_div, get_method
 from train.options import TrainConfig, check, resolve_defaults
 from train.unet import PRESETS, UNet, build_unet, layout_refusal, model_cost
 
@@ -78,6 +78,9 @@ def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
     if method.window and K < 2:
         raise data.DataError(f"{build.path}: windows of {K} frame; {method.name} needs 2 or more")
     frames = tuple(range(K)) if method.window else (K // 2,)
+    flow_key = FLOW_STATS[cfg.flow_stat]
+    if cfg.flow_stat == "mag":
+        require_flow_mag(build)
     image_size = cfg.image_size or build.image_size
     if image_size > build.image_size:
         raise ValueError(
@@ -108,25 +111,37 @@ def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
         workers=workers,
         url_template=cfg.shard_url,
         verify=cfg.verify_shards,
+        flow_key=flow_key,
     )
     S = stream.steps_per_epoch
     total = cfg.epochs * S if cfg.max_steps is None else min(cfg.epochs * S, cfg.max_steps)
-    sigma = cfg.sigma if cfg.sigma is not None else float(build.manifest["flow"]["sigma"])
+    sigma, flow_scale = flow_parameters(cfg, build)
     sched = Schedule(kind=cfg.schedule, prediction=cfg.prediction).to(dev)
     probe = None
     if cfg.diag_every or (method.name == "divergence" and cfg.sigma_div is None):
         f, m, _ = data.fixed_windows(
-            build, "train", cfg.probe_size, frames, image_size, cfg.shard_url, cfg.verify_shards
+            build,
+            "train",
+            cfg.probe_size,
+            frames,
+            image_size,
+            cfg.shard_url,
+            cfg.verify_shards,
+            flow_key,
         )
         probe = diagnostics.probe_set(f, m, method, sched.T, dev)
     sigma_div = cfg.sigma_div
     if method.name == "divergence" and sigma_div is None:
         gen = torch.Generator(dev).manual_seed(diagnostics.FIXED_SEED + 2)
         sigma_div = broadcast_float(world, auto_sigma_div(sched, probe.x0, cfg.delta, gen))
-    cfg = dataclasses.replace(cfg, image_size=image_size, sigma=sigma, sigma_div=sigma_div)
+    cfg = dataclasses.replace(
+        cfg, image_size=image_size, sigma=sigma, flow_scale=flow_scale, sigma_div=sigma_div
+    )
     opts = Options(
         lam=cfg.lam,
-        sigma=sigma,
+        weighting=cfg.weighting,
+        sigma=sigma if sigma is not None else 1.0,  # None: inverse weights, which do not read it
+        flow_scale=flow_scale if flow_scale is not None else 1.0,  # only inverse reads it
         delta=cfg.delta,
         sigma_div=sigma_div or 1.0,  # only divergence reads it, and it always has one
         disp_weight=cfg.disp_weight,
@@ -160,7 +175,14 @@ def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
     val = None
     if cfg.val_every and not finished and world.main:
         f, m, _ = data.fixed_windows(
-            build, "val", cfg.val_size, (K // 2,), image_size, cfg.shard_url, cfg.verify_shards
+            build,
+            "val",
+            cfg.val_size,
+            (K // 2,),
+            image_size,
+            cfg.shard_url,
+            cfg.verify_shards,
+            flow_key,
         )
         val = diagnostics.validation_set(f, m[:, :0], sched.T, dev)
     if world.main and not finished:
@@ -186,6 +208,43 @@ def prepare(cfg: TrainConfig, world: World, stack: contextlib.ExitStack) -> Run:
     if best is not None and state is not None:
         run.best_val = float(json.loads((out / checkpoint.BEST_NAME).read_text())["val_loss"])
     return run
+
+
+def require_flow_mag(build: Build) -> None:
+    """ValueError (one line) unless the build's windows carry flow_mag (spec 1.1 and later)."""
+    if not has_flow_mag(build.manifest):
+        raise ValueError(
+            f"--flow-stat mag needs the windows' flow_mag (spec {FLOW_MAG_SINCE} and later), and "
+            f"{build.path} is a spec {build.manifest['spec_version']} build without it: rebuild "
+            "it with this version (`pipeline build` with the same options; its track cache is "
+            "reused, stage 1 recomputed once per track because older caches lack the magnitude)"
+        )
+
+
+def median_flow_stat(build: Build, stat: str) -> float:
+    """The manifest's median train value of the flow statistic `stat` (msq: its sigma; mag:
+    its mag_stats p50); ValueError (one line) when that is not a positive number."""
+    flow = build.manifest["flow"]
+    if stat == "msq":
+        return float(flow["sigma"])
+    value = (flow.get("mag_stats") or {}).get("percentiles", {}).get("p50")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(
+            f"{build.path}: the manifest's median train flow_mag (flow.mag_stats p50) is "
+            f"{value!r}, not a positive number: pass --sigma or --flow-scale NUMBER"
+        )
+    return float(value)
+
+
+def flow_parameters(cfg: TrainConfig, build: Build) -> tuple[float | None, float | None]:
+    """sigma and flow_scale as config.json records them: sigma for exp weights (--sigma, or the
+    median of the chosen flow statistic), flow_scale for inverse ones (--flow-scale, 1 by
+    default, or that median for ``median``); the other is None."""
+    if cfg.weighting == "inverse":
+        scale = 1.0 if cfg.flow_scale is None else cfg.flow_scale
+        return None, median_flow_stat(build, cfg.flow_stat) if scale == "median" else float(scale)
+    sigma = cfg.sigma if cfg.sigma is not None else median_flow_stat(build, cfg.flow_stat)
+    return sigma, None
 
 
 def check_out(out: Path, shards: Path) -> None:
