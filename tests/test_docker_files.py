@@ -307,6 +307,17 @@ def test_compose_images_are_tagged_and_not_latest():
         assert tag == version, f"{name}: {image} (the project is {version})"
 
 
+def test_every_image_tag_and_label_names_the_project_version():
+    """The Dockerfile's version label, its usage lines and the docs' tags follow pyproject."""
+    version = _pyproject()["project"]["version"]
+    text = DOCKERFILE.read_text()
+    assert f'org.opencontainers.image.version="{version}"' in text
+    for path in (DOCKERFILE, DOCKER / "README.md", DOCKER / ".env.example", ROOT / "README.md"):
+        tags = set(re.findall(r"framebridge[:=-]([0-9]+\.[0-9]+\.[0-9]+)", path.read_text()))
+        tags |= set(re.findall(r"FRAMEBRIDGE_TAG=([0-9.]+)", path.read_text()))
+        assert tags <= {version}, f"{path.name}: {sorted(tags)} (the project is {version})"
+
+
 def test_compose_matches_the_compose_spec_schema():
     try:
         from importlib.resources import files

@@ -188,7 +188,7 @@ def test_installed_package_is_the_wheel(venv):
     got = json.loads(run_in(venv, str(venv["python"]), "-c", CHECK))
     for file in got["files"]:
         assert file.startswith(venv["site"] + os.sep), file
-    assert got["version"] == "0.2.0" and got["dist"].startswith(venv["site"])
+    assert got["version"] == "0.3.0" and got["dist"].startswith(venv["site"])
     assert got["spec"].startswith(f"# Shard format {SPEC_VERSION}")
     assert got["schemas"] == ["object", "object"]
     repo = str(REPO)
