@@ -137,10 +137,12 @@ def test_resume_reads_only_the_shards_of_the_first_batch(build, monkeypatch):
 
 
 @pytest.mark.slow  # torchrun, two ranks
-def test_two_ranks_under_torchrun_match_one_process(build, tmp_path):
-    """DDP over 2 gloo ranks (1 loader worker each) = 1 process with 2 workers, same batch."""
+@pytest.mark.parametrize("flip", [[], ["--hflip"]], ids=["plain", "hflip"])
+def test_two_ranks_under_torchrun_match_one_process(build, tmp_path, flip):
+    """DDP over 2 gloo ranks (1 loader worker each) = 1 process with 2 workers, same batch
+    (--hflip: each rank flips its part of the global batch as the one process does)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = args(build, one, "--max-steps", "6", "--val-every", "0", "--diag-every", "3")
+    common = args(build, one, "--max-steps", "6", "--val-every", "0", "--diag-every", "3", *flip)
     subprocess.run([PY, "-m", "train", *common, "--workers", "2"], check=True,
                    capture_output=True)  # fmt: skip
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
