@@ -52,6 +52,7 @@ from .study_file import (
     EVAL_OUTPUT,
     Study,
     StudyError,
+    cell_seeds,
     read_study,
     train_flags,
 )
@@ -109,7 +110,11 @@ def ensure_build(study: Study, out: Path) -> dict[str, Any]:
 
 
 def expand(study: Study, out: Path) -> list[Cell]:
-    """The (cell, seed) runs, seed by seed, so a study stopped early has every cell's first seed."""
+    """The (cell, seed) runs, seed by seed, so a study stopped early has every cell's first seed.
+
+    A cell with its own ``seeds`` runs those (a study may give fewer seeds to some cells).
+    """
+    seeds = dict.fromkeys([*study.seeds, *(s for e in study.grid for s in cell_seeds(study, e))])
     return [
         Cell(
             name=entry["name"],
@@ -119,8 +124,9 @@ def expand(study: Study, out: Path) -> list[Cell]:
             run=out / RUNS_DIR / f"{entry['name']}-s{seed}",
             images=entry.get("images", study.images),
         )
-        for seed in study.seeds
+        for seed in seeds
         for entry in study.grid
+        if seed in cell_seeds(study, entry)
     ]
 
 

@@ -12,6 +12,7 @@ import argparse
 import difflib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .features import EXTRACTORS
 from .runs import RunError
 
 TABLES = ("name", "build", "budget", "evaluation", "train", "cell", "questions")
-CELL_KEYS = ("name", "images")  # a cell's own keys; the others are python -m train options
+CELL_KEYS = ("name", "images", "seeds")  # a cell's own keys; the others are train options
 EVAL_DEFAULTS = {
     "val_points": 20,  # validation-loss points per cell (fixed t and eps)
     "diag_points": 5,  # gradient-variance estimates per cell
@@ -121,12 +122,25 @@ def _check_option(key: str, value: Any, where: str) -> None:
     elif action.type is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         want = "a finite number"
+    elif callable(action.type) and action.type is not str:  # a parser of its own: ask it
+        ok, want = _parses(action.type, value), f"a value --{key.replace('_', '-')} takes"
     else:
         ok, want = isinstance(value, str), "a string"
     if ok and action.choices is not None and value not in action.choices:
         ok, want = False, f"one of {', '.join(map(str, action.choices))}"
     if not ok:
         raise StudyError(f"{where}: {key} must be {want}, got {value!r}")
+
+
+def _parses(parse: Callable[[str], Any], value: Any) -> bool:
+    """Whether an option's own type function takes ``value`` as the study passes it (text)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return False
+    try:
+        parse(str(value))
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _table(data: dict, key: str, where: str) -> dict:
@@ -167,6 +181,22 @@ def _check_evaluation(data: dict, where: str) -> dict[str, Any]:
     return evaluation
 
 
+def _check_seeds(seeds: Any, where: str) -> list[int]:
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise StudyError(f"{where}: seeds must be a list of distinct integers >= 0")
+    return seeds
+
+
+def cell_seeds(study: Study, entry: dict[str, Any]) -> list[int]:
+    """The seeds a cell runs: its own ``seeds``, or the study's."""
+    return entry.get("seeds", study.seeds)
+
+
 def _check_cells(
     data: dict, train: dict, where: str, reserved: frozenset[str]
 ) -> list[dict[str, Any]]:
@@ -187,6 +217,8 @@ def _check_cells(
         method = _need(cell, "method", str, cw)
         if method not in METHODS:
             raise StudyError(f"{cw}: unknown method {method!r} (one of {', '.join(METHODS)})")
+        if "seeds" in cell:
+            _check_seeds(cell["seeds"], cw)
         if "images" in cell and not _positive_int(cell["images"]):
             raise StudyError(f"{cw}: images must be a positive integer")
         if not _positive_int({**train, **cell}.get("batch")):
@@ -216,16 +248,22 @@ def _check_options(table: dict, where: str, own: tuple[str, ...], reserved: froz
 
 
 ROLES = ("baseline", "step_matched", "method", "adjacent", "seq")
+LIST_ROLES = ("lambdas", "readings")  # lists of cells: lambda values; readings of the method
 
 
-def _check_questions(data: dict, names: set[str], where: str) -> dict[str, Any]:
+def _check_questions(data: dict, names: set[str], splits: list[str], where: str) -> dict[str, Any]:
     questions = _table(data, "questions", where)
     where = f"{where} [questions]"
-    unknown_keys(questions, {*ROLES, "lambdas"}, where)
-    lambdas = questions.get("lambdas", [])
-    if not isinstance(lambdas, list):
-        raise StudyError(f"{where}: lambdas must be a list of cell names")
-    for value in [*(questions.get(r) for r in ROLES if r in questions), *lambdas]:
+    unknown_keys(questions, {*ROLES, *LIST_ROLES, "split"}, where)
+    if questions.get("split", splits[0]) not in splits:  # the frames the answers' metrics use
+        raise StudyError(f"{where}: split must be one of the evaluated splits {splits}")
+    listed = []
+    for role in LIST_ROLES:
+        cells = questions.get(role, [])
+        if not isinstance(cells, list):
+            raise StudyError(f"{where}: {role} must be a list of cell names")
+        listed += cells
+    for value in [*(questions.get(r) for r in ROLES if r in questions), *listed]:
         if not isinstance(value, str) or value not in names:
             raise StudyError(f"{where}: {value!r} is not the name of a [[cell]]")
     return questions
@@ -251,14 +289,7 @@ def read_study(path: Path | str, out: Path | str, reserved: frozenset[str]) -> S
     if images <= 0:
         raise StudyError(f"{where} [budget]: images must be positive")
     train = {k.replace("-", "_"): v for k, v in _table(data, "train", where).items()}
-    seeds = train.pop("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-        or len(set(seeds)) != len(seeds)
-    ):
-        raise StudyError(f"{where} [train]: seeds must be a list of distinct integers >= 0")
+    seeds = _check_seeds(train.pop("seeds", [0]), f"{where} [train]")
     grid = _check_cells(data, train, where, reserved)
     _check_options(train, f"{where} [train]", (), reserved)
     pipeline = build.get("pipeline", [])
@@ -266,15 +297,16 @@ def read_study(path: Path | str, out: Path | str, reserved: frozenset[str]) -> S
         isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in pipeline
     ):
         raise StudyError(f"{where} [build]: pipeline must be a list of argument lists")
+    evaluation = _check_evaluation(data, where)
     return Study(
         path=path,
         name=str(data.get("name", path.stem)),
         build=out / _need(build, "path", str, f"{where} [build]"),
         pipeline=pipeline,
         images=images,
-        evaluation=_check_evaluation(data, where),
+        evaluation=evaluation,
         train=train,
         seeds=list(seeds),
         grid=grid,
-        questions=_check_questions(data, {c["name"] for c in grid}, where),
+        questions=_check_questions(data, {c["name"] for c in grid}, evaluation["splits"], where),
     )

@@ -13,6 +13,8 @@ The study's ``[questions]`` table names the cells the comparisons use::
     adjacent = "adjacent"         # the same regulariser with w = 1
     seq = "seq"                   # ordered windows, independent noise, no regulariser
     lambdas = ["flow-lam0.1", "flow", "flow-lam10"]
+    readings = ["flow", "flow-public"]  # the method as its paper's text and its public code run it
+    split = "train"               # the frames the sample metrics are read against (default val)
 
 Cells it does not name are still in the per-cell table; a name that is not a cell is refused when
 the study file is read.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -31,7 +34,8 @@ from shards_spec.atomic import atomic_write_text
 
 from . import plots
 from .plots import fmt_axis, mean_std, table
-from .report import Run, Variant, load_run, title
+from .report import SHORT, Run, Variant, load_run
+from .study_file import cell_seeds
 
 AXES = ("epochs", "images", "wall")
 AXIS_WORDS = {"steps": "steps", "epochs": "epochs", "images": "images", "wall": "wall-clock"}
@@ -57,21 +61,58 @@ def val_points(run: Run) -> list[dict[str, Any]]:
     return [p for p in run.kind("val") if _finite(p.get(KEY))]
 
 
-def reach(run: Run, level: float, axis: str) -> float | None:
-    """Where the run first measured a validation loss at or below `level` (None: never)."""
-    for p in val_points(run):
-        if p[KEY] <= level:
+@dataclass(frozen=True)
+class Measure:
+    """A curve a speed-up is measured on (lower is better): its points per run and their key."""
+
+    label: str  # as the tables name it
+    points: Callable[[Run], list[dict[str, Any]]]
+    key: str
+
+
+VAL_LOSS = Measure("EMA validation loss", val_points, KEY)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Which evaluations the answers read: an extractor's, against one split's frames."""
+
+    extractor: str
+    split: str = "val"
+
+    @property
+    def fd(self) -> str:
+        """``offline FD (train)``: a column header."""
+        return f"{SHORT.get(self.extractor, self.extractor)} ({self.split})"
+
+    def points(self, run: Run) -> list[dict[str, Any]]:
+        return run.fid_points(self.extractor, self.split)
+
+    def final(self, run: Run, key: str) -> float | None:
+        pts = self.points(run)
+        return pts[-1].get(key) if pts and _finite(pts[-1].get(key)) else None
+
+
+def fd_measure(scores: Scores) -> Measure:
+    """The Frechet distance of the samples at the evaluation points."""
+    return Measure(f"{scores.fd} of samples", scores.points, "fid")
+
+
+def reach(run: Run, level: float, axis: str, m: Measure = VAL_LOSS) -> float | None:
+    """Where the run first measured `m` at or below `level` (None: never)."""
+    for p in m.points(run):
+        if p[m.key] <= level:
             return run.x(p, axis)
     return None
 
 
-def levels(ref: list[Run]) -> list[tuple[str, int, float]]:
-    """Target losses: (label, point index, level) at fractions of the reference's val points.
+def levels(ref: list[Run], m: Measure = VAL_LOSS) -> list[tuple[str, int, float]]:
+    """Target values: (label, point index, level) at fractions of the reference's points of `m`.
 
-    The level is the mean over the reference's seeds (those with points) of their loss at that
+    The level is the mean over the reference's seeds (those with points) of their value at that
     point; the reference's position for it is, by definition, where it measured that point.
     """
-    curves = [c for r in ref if (c := val_points(r))]
+    curves = [c for r in ref if (c := m.points(r))]
     n = min((len(c) for c in curves), default=0)
     out = []
     for frac in LEVEL_FRACTIONS:
@@ -79,13 +120,13 @@ def levels(ref: list[Run]) -> list[tuple[str, int, float]]:
         if n == 0 or any(i == j for _, j, _ in out):
             continue
         out.append(
-            (f"{frac:.0%} (point {i + 1}/{n})", i, statistics.fmean(c[i][KEY] for c in curves))
+            (f"{frac:.0%} (point {i + 1}/{n})", i, statistics.fmean(c[i][m.key] for c in curves))
         )
     return out
 
 
 def speedup(
-    ref: list[Run], index: int, other: list[Run], level: float, axis: str
+    ref: list[Run], index: int, other: list[Run], level: float, axis: str, m: Measure = VAL_LOSS
 ) -> dict[str, Any]:
     """How much sooner `other` reaches `level` than the reference's point `index`, on `axis`.
 
@@ -93,8 +134,8 @@ def speedup(
     the ratios of every (reference seed, other seed) pair, the spread shown. A seed of `other`
     that never reaches the level gives no ratio (``None``), named as not reached.
     """
-    xb = [r.x(pts[index], axis) for r in ref if len(pts := val_points(r)) > index]
-    xo = [reach(r, level, axis) for r in other]
+    xb = [r.x(pts[index], axis) for r in ref if len(pts := m.points(r)) > index]
+    xo = [reach(r, level, axis, m) for r in other]
     out: dict[str, Any] = {"base_x": xb, "other_x": xo, "ratio": None, "pairs": []}
     have = [x for x in xb + xo if x is not None]
     if xb and xo and len(have) == len(xb) + len(xo) and all(x > 0 for x in have):
@@ -116,15 +157,6 @@ def fmt_speedup(s: dict[str, Any], axis: str) -> str:
 def final_val(run: Run) -> float | None:
     pts = val_points(run)
     return pts[-1][KEY] if pts else None
-
-
-def fd_points(run: Run, extractor: str, split: str = "val") -> list[dict[str, Any]]:
-    return run.fid_points(extractor, split)
-
-
-def final_eval(run: Run, extractor: str, key: str) -> float | None:
-    pts = fd_points(run, extractor)
-    return pts[-1].get(key) if pts and _finite(pts[-1].get(key)) else None
 
 
 def step_records(run: Run) -> list[dict[str, Any]]:
@@ -176,27 +208,27 @@ def variants(by_cell: dict[str, list[Run]], names: list[str]) -> list[Variant]:
     return out
 
 
-def cell_table(study, by_cell: dict[str, list[Run]], extractor: str) -> list[str]:
+def cell_table(study, by_cell: dict[str, list[Run]], scores: Scores) -> list[str]:
     """One row per cell: what it ran and where it ended, mean ± std over seeds."""
     header = ["cell", "method", "seeds", "steps", "images", "epochs", "wall-clock",
-              "val loss (EMA)", f"{extractor} FD val", "precision", "recall", "evaluations"]  # fmt: skip
+              "val loss (EMA)", scores.fd, "precision", "recall", "evaluations"]  # fmt: skip
     rows = []
     for c in study.grid:
         runs = by_cell.get(c["name"], [])
-        n = len(study.seeds)
+        n = len(cell_seeds(study, c))
         last = [step_records(r)[-1] if step_records(r) else None for r in runs]
         where = []
         for axis in ("steps", "images", "epochs", "wall"):
             xs = [r.x(rec, axis) for r, rec in zip(runs, last, strict=True) if rec]
             where.append(fmt_axis(_mean(xs), axis) if xs and axis != "steps" else str(xs[0]) if xs else "—")  # fmt: skip
-        evals = [len(fd_points(r, extractor)) for r in runs]
+        evals = [len(scores.points(r)) for r in runs]
         missing = "missing" if not runs or not any(evals) else f"{min(evals)}–{max(evals)} points"
         rows.append([
             c["name"], c["method"], f"{len(runs)}/{n}", *where,
             mean_std([final_val(r) for r in runs], n, 4),
-            mean_std([final_eval(r, extractor, "fid") for r in runs], n),
-            mean_std([final_eval(r, extractor, "precision") for r in runs], n),
-            mean_std([final_eval(r, extractor, "recall") for r in runs], n),
+            mean_std([scores.final(r, "fid") for r in runs], n),
+            mean_std([scores.final(r, "precision") for r in runs], n),
+            mean_std([scores.final(r, "recall") for r in runs], n),
             missing,
         ])  # fmt: skip
     return table(header, rows)
@@ -207,7 +239,7 @@ def _fraction(run: Run, step: int) -> float:
     return round(step / total, 2) if total else 0.0
 
 
-def fd_curve_table(names: list[str], by_cell: dict[str, list[Run]], extractor: str) -> list[str]:
+def fd_curve_table(names: list[str], by_cell: dict[str, list[Run]], scores: Scores) -> list[str]:
     """The val Frechet distance at each evaluation point (as a fraction of each run's steps),
     per cell: mean ± std over the seeds that have that point."""
     fracs = sorted(
@@ -215,7 +247,7 @@ def fd_curve_table(names: list[str], by_cell: dict[str, list[Run]], extractor: s
             _fraction(r, p["step"])
             for n in names
             for r in by_cell.get(n, [])
-            for p in fd_points(r, extractor)
+            for p in scores.points(r)
         }
     )
     if not fracs:
@@ -223,7 +255,7 @@ def fd_curve_table(names: list[str], by_cell: dict[str, list[Run]], extractor: s
     rows = []
     for name in names:
         runs = by_cell.get(name, [])
-        at = [{_fraction(r, p["step"]): p["fid"] for p in fd_points(r, extractor)} for r in runs]
+        at = [{_fraction(r, p["step"]): p["fid"] for p in scores.points(r)} for r in runs]
         rows.append([name, *[mean_std([a.get(f) for a in at], len(runs)) for f in fracs]])
     return table(["cell", *[f"at {f:.0%} of the budget" for f in fracs]], rows)
 
@@ -239,18 +271,31 @@ class Section:
     values: dict[str, Any] = field(default_factory=dict)
 
 
-def speed_section(questions: dict, by_cell) -> Section:
-    """Q1, Q2: speed-ups to the baseline's losses (epochs, images, wall-clock), and to the
-    step-matched control's (steps)."""
-    lines = ["## Q1, Q2: how much sooner does each cell reach the reference's loss?", ""]
+def speed_section(questions: dict, by_cell, scores: Scores) -> Section:
+    """Q1, Q2: speed-ups to the baseline's levels (epochs, images, wall-clock), and to the
+    step-matched control's (steps), on the validation loss and on the sample metric (FD)."""
+    lines = ["## Q1, Q2: how much sooner does each cell reach the reference's loss and FD?", ""]
     lines += [
-        "Levels: the reference cell's mean EMA validation loss at 25%, 50%, 75% and 100% of its "
-        "validation points (mean over its seeds). Each entry: (reference position) / (cell position) at the first validation "
-        "point at or below the level, as the ratio of seed means, the range over seed pairs, and "
-        "the cell's positions. > 1: the cell is faster. Resolution: one validation interval "
-        "(the budget / val_points).",
+        "Levels: the reference cell's mean value at 25%, 50%, 75% and 100% of its validation "
+        "points (EMA validation loss) or of its evaluation points (Frechet distance of samples "
+        f"to the {scores.split} frames), mean over its seeds. Each entry: (reference position) / (cell "
+        "position) at the cell's first point at or below the level, as the ratio of seed means, "
+        "the range over seed pairs, and the cell's positions. > 1: the cell is faster. "
+        "Resolution: one validation or evaluation interval.",
         "",
     ]
+    values: dict[str, Any] = {}
+    for m, key in ((VAL_LOSS, "speedup"), (fd_measure(scores), "speedup_fd")):
+        found = _speedups(questions, by_cell, m)
+        lines += found.markdown
+        values[key] = found.values["speedup"]
+        values["levels" if m is VAL_LOSS else "levels_fd"] = found.values["levels"]
+    return Section(lines, values)
+
+
+def _speedups(questions: dict, by_cell, m: Measure) -> Section:
+    """The speed-up tables of one measure, against the baseline and the step-matched control."""
+    lines: list[str] = []
     speedups: dict[str, Any] = {}
     level_values: dict[str, Any] = {}
     refs = (("baseline", AXES), ("step_matched", ("steps", "images", "wall")))
@@ -259,52 +304,53 @@ def speed_section(questions: dict, by_cell) -> Section:
         if not ref_name:
             continue
         ref = by_cell.get(ref_name, [])
-        if not ref or not any(val_points(run) for run in ref):
-            lines += [f"*Cannot tell against the {role}: `{ref_name}` has no validation points.*"]
-            lines += [""]
+        if not ref or not any(m.points(run) for run in ref):
+            lines += [f"*Cannot tell against the {role} on the {m.label}: `{ref_name}` has no "
+                      "points.*", ""]  # fmt: skip
             continue
-        targets = levels(ref)
+        targets = levels(ref, m)
         level_values[ref_name] = [{"label": label, "value": value} for label, _, value in targets]
         others = [name for name in by_cell if name != ref_name and by_cell[name]]
         for axis in axes:
-            header = ["cell", *[f"{name}: {value:.4f}" for name, _, value in targets]]
+            header = ["cell", *[f"{name}: {value:.4g}" for name, _, value in targets]]
             rows = []
             for name in others:
                 row = []
                 for _, index, value in targets:
-                    found = speedup(ref, index, other=by_cell[name], level=value, axis=axis)
+                    found = speedup(ref, index, other=by_cell[name], level=value, axis=axis, m=m)
                     per = speedups.setdefault(ref_name, {}).setdefault(name, {})
                     per.setdefault(axis, []).append(found)
                     row.append(fmt_speedup(found, axis))
                 rows.append([name, *row])
             head = (
-                f"### Against `{ref_name}` ({role.replace('_', '-')}), at equal {AXIS_WORDS[axis]}"
+                f"### {m.label}: against `{ref_name}` ({role.replace('_', '-')}), at equal "
+                f"{AXIS_WORDS[axis]}"
             )
             lines += [head, "", *table(header, rows), ""]
     return Section(lines, {"speedup": speedups, "levels": level_values})
 
 
-def ablation_section(questions: dict, by_cell, extractor: str) -> Section:
+def ablation_section(questions: dict, by_cell, scores: Scores) -> Section:
     names = [questions.get(k) for k in ("baseline", "step_matched", "seq", "adjacent", "method")]
     lambdas = [n for n in questions.get("lambdas", []) if n != questions.get("method")]
     names = [n for n in names if n] + lambdas
     lines = ["## Q3: flow against adjacent (w = 1) and seq (ordered, no regulariser)", ""]
     header = ["cell", "final val loss (EMA)", "min val loss (EMA)", "final val loss (raw weights)",
-              f"{extractor} FD val (last)"]  # fmt: skip
+              f"{scores.fd} (last)"]  # fmt: skip
     rows, res = [], {}
     for name in names:
         runs = by_cell.get(name, [])
         n = max(1, len(runs))
         mins = [min(p[KEY] for p in vp) if (vp := val_points(r)) else None for r in runs]
         finals = [final_val(r) for r in runs]
-        fds = [final_eval(r, extractor, "fid") for r in runs]
+        fds = [scores.final(r, "fid") for r in runs]
         raw = [vp[-1].get("val_loss") if (vp := val_points(r)) else None for r in runs]
         res[name] = {"final_val": finals, "min_val": mins, "final_val_raw": raw, "fd_val": fds}
         rows.append([name, mean_std(finals, n, 4), mean_std(mins, n, 4), mean_std(raw, n, 4),
                      mean_std(fds, n)])  # fmt: skip
     lines += ["At the end of the equal image budget.", "", *table(header, rows), ""]
-    lines += [f"{title(extractor)} at each evaluation point:", ""]
-    lines += [*fd_curve_table(names, by_cell, extractor), ""]
+    lines += [f"{scores.fd} at each evaluation point:", ""]
+    lines += [*fd_curve_table(names, by_cell, scores), ""]
     return Section(lines, {"ablation": res})
 
 
@@ -338,7 +384,7 @@ def gradient_section(questions: dict, by_cell) -> Section:
     return Section([*lines, *table(header, rows), ""], {"gradients": res})
 
 
-def lambda_section(questions: dict, by_cell, extractor: str) -> Section:
+def lambda_section(questions: dict, by_cell, scores: Scores) -> Section:
     names = [n for n in questions.get("lambdas", []) if n]
     lines = ["## Q5: sensitivity to lambda, and the size of the regulariser", ""]
     if not names:
@@ -348,7 +394,7 @@ def lambda_section(questions: dict, by_cell, extractor: str) -> Section:
         "and the last quarter of steps; lam x reg / loss: its share of the optimised loss.",
         "",
     ]
-    header = ["cell", "lambda", "final val loss (EMA)", f"{extractor} FD val", "reg/denoise (first 25%)",
+    header = ["cell", "lambda", "final val loss (EMA)", scores.fd, "reg/denoise (first 25%)",
               "reg/denoise (last 25%)", "lam x reg / loss (last 25%)"]  # fmt: skip
     rows, res = [], {}
     for name in names:
@@ -360,12 +406,94 @@ def lambda_section(questions: dict, by_cell, extractor: str) -> Section:
         lastq = [tail_mean(rr, "reg_ratio") for rr in recs]
         share = [tail_mean(rr, "reg_share") for rr in recs]
         finals = [final_val(r) for r in runs]
-        fds = [final_eval(r, extractor, "fid") for r in runs]
+        fds = [scores.final(r, "fid") for r in runs]
         res[name] = {"lam": lam, "final_val": finals, "fd_val": fds, "reg_ratio_first": first,
                      "reg_ratio_last": lastq, "reg_share_last": share}  # fmt: skip
         rows.append([name, str(lam), mean_std(finals, n, 4), mean_std(fds, n),
                      mean_std(first, n), mean_std(lastq, n), mean_std(share, n)])  # fmt: skip
     return Section([*lines, *table(header, rows), ""], {"lambda": res})
+
+
+SAMPLE_KEYS = ("fid", "precision", "recall", "density", "coverage")
+
+
+def _reading(config: dict) -> str:
+    """How a run weights its pairs, in words: ``inverse on flow_mag (scale 1), lam 0.1``."""
+    if config.get("method") != "flow":
+        return config.get("method") or "?"
+    weighting, stat = config.get("weighting", "exp"), config.get("flow_stat", "msq")
+    scale = config.get("sigma") if weighting == "exp" else config.get("flow_scale")
+    name = "sigma" if weighting == "exp" else "scale"
+    scale = f"{scale:.4g}" if _finite(scale) else "?"
+    return f"{weighting} on flow_{stat} ({name} {scale}), lam {config.get('lam')}"
+
+
+def _sample_rows(names, by_cell, scores: Scores, res: dict) -> list[list[str]]:
+    """Per cell: its reading, final val loss and the last evaluation's sample metrics."""
+    rows = []
+    for name in names:
+        runs = by_cell.get(name, [])
+        n = max(1, len(runs))
+        finals = {k: [scores.final(r, k) for r in runs] for k in SAMPLE_KEYS}
+        val = [final_val(r) for r in runs]
+        reading = _reading(runs[0].config) if runs else "—"
+        res[name] = {"reading": reading, "final_val": val, **finals}
+        rows.append([name, reading, f"{len(runs)}", mean_std(val, n, 4),
+                     *[mean_std(finals[k], n) for k in SAMPLE_KEYS]])  # fmt: skip
+    return rows
+
+
+def readings_section(questions: dict, by_cell, scores: Scores) -> Section:
+    """Q6: the readings of the method (the paper's text, its public code) against each other
+    and against the baseline, at the end of the equal image budget."""
+    readings = [n for n in questions.get("readings", []) if n]
+    lines = ["## Q6: the two readings of the method", ""]
+    if not readings:
+        return Section([*lines, "*No readings named.*", ""])
+    names = list(dict.fromkeys([*(questions.get(k) for k in ("baseline", "step_matched")
+                                  if questions.get(k)), *readings]))  # fmt: skip
+    lines += [
+        "At the end of the equal image budget, mean ± std over seeds; sample metrics of the "
+        f"last evaluation point against the {scores.split} frames ({scores.extractor} extractor). "
+        "Speed-ups on "
+        "the validation loss and on the FD are in the Q1, Q2 tables.",
+        "",
+    ]
+    header = ["cell", "reading", "seeds", "val loss (EMA)", "FD", "precision", "recall",
+              "density", "coverage"]  # fmt: skip
+    res: dict[str, Any] = {}
+    rows = _sample_rows(names, by_cell, scores, res)
+    lines += [*table(header, rows), ""]
+    lines += [f"{scores.fd} at each evaluation point:", ""]
+    lines += [*fd_curve_table(names, by_cell, scores), ""]
+    return Section(lines, {"readings": res})
+
+
+def diversity_section(study, by_cell, scores: Scores, out: Path) -> Section:
+    """Q7: recall and coverage of every cell, and a grid of each cell's last samples."""
+    names = [c["name"] for c in study.grid]
+    lines = ["## Q7: diversity", ""]
+    lines += [
+        f"Recall (the share of real {scores.split} frames whose neighbourhood holds a sample) and "
+        "coverage "
+        "(the share of real frames with a sample inside their own nearest-neighbour ball) of "
+        "the last evaluation point, mean ± std over seeds, with precision and density beside "
+        "them; then each cell's last samples (first seed).",
+        "",
+    ]
+    header = ["cell", "reading", "seeds", "val loss (EMA)", "FD", "precision", "recall",
+              "density", "coverage"]  # fmt: skip
+    res: dict[str, Any] = {}
+    lines += [*table(header, _sample_rows(names, by_cell, scores, res)), ""]
+    grids = {}
+    for name in names:
+        shown = variants(by_cell, [name])
+        file = f"study-samples-{plots.slug(name)}.png"
+        caption = plots.sample_grid(shown[0], out / file) if shown else None
+        grids[name] = file if caption else None
+        lines += [f"![{name}]({file})", "", f"*{name}: {caption}.*", ""] if caption else [
+            f"*{name}: no samples.*", ""]  # fmt: skip
+    return Section(lines, {"diversity": res, "sample_grids": grids})
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -402,7 +530,7 @@ def _draw_val_loss(ax, shown) -> bool:
     )
 
 
-def _plot_ablation(questions, by_cell, extractor: str, path: Path) -> bool:
+def _plot_ablation(questions, by_cell, scores: Scores, path: Path) -> bool:
     names = [questions.get(k) for k in ("baseline", "seq", "adjacent", "method")]
     shown = variants(by_cell, [n for n in names if n])
     if not shown:
@@ -412,10 +540,10 @@ def _plot_ablation(questions, by_cell, extractor: str, path: Path) -> bool:
     plots.draw(
         fd_ax,
         shown,
-        points=lambda run: fd_points(run, extractor),
+        points=scores.points,
         axis="images",
         key="fid",
-        title=f"{title(extractor)}, val",
+        title=scores.fd,
     )
     plots.save_png(fig, path)
     return ok
@@ -511,6 +639,7 @@ def write(study, cells, out: Path) -> Path:
     """Write results.md, results.json and the study plots into `out`; return results.md."""
     out = Path(out)
     extractor = study.evaluation["extractor"]
+    scores = Scores(extractor, study.questions.get("split", "val"))
     by_cell = load_cells(cells)
     questions = study.questions
     results: dict[str, Any] = {"study": study.name, "budget_images": study.images}
@@ -518,25 +647,28 @@ def write(study, cells, out: Path) -> Path:
     lines += [
         f"Budget per cell: {study.images} images processed; seeds {study.seeds}. Frechet "
         f"distances use the {extractor} extractor"
-        + (" (a fixed small network: not FID)." if extractor == "offline" else ".")
+        + (" (a fixed small network: not FID)" if extractor == "offline" else "")
+        + f", against the {scores.split} split's frames."
         + " Full tables and plots: [report/report.md](report/report.md).",
         "",
         "## Cells",
         "",
-        *cell_table(study, by_cell, extractor),
+        *cell_table(study, by_cell, scores),
         "",
     ]
     runs = {r.path: r for rs in by_cell.values() for r in rs}
-    missing = [c.label for c in cells if c.run not in runs or not fd_points(runs[c.run], extractor)]
+    missing = [c.label for c in cells if c.run not in runs or not scores.points(runs[c.run])]
     if missing:
         lines += ["Cells without evaluation points (missing): " + ", ".join(missing), ""]
     results["missing_evaluations"] = missing
     if questions:
         sections = (
-            speed_section(questions, by_cell),
-            ablation_section(questions, by_cell, extractor),
+            speed_section(questions, by_cell, scores),
+            ablation_section(questions, by_cell, scores),
             gradient_section(questions, by_cell),
-            lambda_section(questions, by_cell, extractor),
+            lambda_section(questions, by_cell, scores),
+            readings_section(questions, by_cell, scores),
+            diversity_section(study, by_cell, scores, out),
         )
         for section in sections:
             lines += section.markdown
@@ -545,7 +677,7 @@ def write(study, cells, out: Path) -> Path:
             ("study-speed.png", _plot_speed(questions, by_cell, out / "study-speed.png"),
              "Q1-Q2: EMA validation loss of baseline, step-matched control and method against "
              "epochs, images and wall-clock; dashed: the levels."),
-            ("study-ablation.png", _plot_ablation(questions, by_cell, extractor, out / "study-ablation.png"),
+            ("study-ablation.png", _plot_ablation(questions, by_cell, scores, out / "study-ablation.png"),
              "Q3: validation loss and Frechet distance of iid, seq, adjacent and flow."),
             ("study-gradients.png", _plot_gradients(questions, by_cell, out / "study-gradients.png"),
              "Q4: gradient variance, parameter distance and gradient norm."),

@@ -48,6 +48,7 @@ batch = 12
 baseline = "iid"
 method = "flow"
 lambdas = ["flow"]
+readings = ["flow"]
 """
 
 
@@ -73,6 +74,7 @@ def test_two_cell_study_runs_resumes_and_skips(build, tmp_path):
     """Both cells train the same image budget and are evaluated; a rerun skips them; a cell
     whose training was cut short continues from its checkpoint; the report lists both."""
     study, out = write_study(tmp_path, build), tmp_path / "out"
+    study.write_text(study.read_text() + 'split = "train"\n')  # the answers read train's scores
     first = run_study(study, out)
     assert first.returncode == 0, first.stderr[-2000:]
     flow, iid = out / "runs" / "flow-s0", out / "runs" / "iid-s0"
@@ -88,6 +90,17 @@ def test_two_cell_study_runs_resumes_and_skips(build, tmp_path):
     assert "| flow |" in results and "| iid |" in results
     assert str(flow) in report and str(iid) in report
     assert "Q1, Q2" in results and "x (" in results  # a speed-up ratio was computed
+    assert "### offline Frechet distance (train) of samples: against `iid`" in results
+    assert "## Q6: the two readings" in results and "exp on flow_msq (sigma " in results
+    assert "## Q7: diversity" in results
+    for name in ("flow", "iid"):  # a grid of each cell's last samples, shown in results.md
+        assert (out / f"study-samples-{name}.png").stat().st_size > 0
+        assert f"![{name}](study-samples-{name}.png)" in results
+    values = json.loads((out / "results.json").read_text())
+    assert values["readings"]["flow"]["reading"].startswith("exp on flow_msq")
+    assert set(values["diversity"]) == {"flow", "iid"}
+    assert len(values["diversity"]["iid"]["coverage"]) == 1
+    assert values["speedup_fd"]["iid"]["flow"]["images"]  # FD speed-ups against the baseline
     curves = json.loads((out / "curves.json").read_text())
     assert set(curves) == {"flow-s0", "iid-s0"}
     assert [v["step"] for v in curves["flow-s0"]["val"]] == [4, 8]
@@ -177,14 +190,18 @@ def test_plan_spends_the_image_budget_in_whole_evaluation_intervals(build, tmp_p
     assert argv[argv.index("--lambda") + 1] == "1.0" and "--no-progress" in argv
 
 
-@pytest.mark.parametrize("name", ["cpu-mini", "handco-paper", "gpu-64px"])
+@pytest.mark.parametrize(
+    "name", ["cpu-mini", "handco-paper", "gpu-64px", "cpu-converged", "cpu-converged-pilot"]
+)
 def test_shipped_studies_parse_and_plan(tmp_path, name):
     """The shipped study files parse; every cell's plan spends its budget (the paper's epochs)."""
     study = study_mod.load_study(REPO / "studies" / f"{name}.toml", tmp_path)
     cells = study_mod.expand(study, tmp_path)
-    assert len(cells) == len(study.grid) * len(study.seeds)
+    assert len(cells) == sum(len(entry.get("seeds", study.seeds)) for entry in study.grid)
     names = {c.name for c in cells}
-    assert set(study.questions.pop("lambdas")) <= names
+    assert set(study.questions.pop("lambdas", [])) <= names
+    assert set(study.questions.pop("readings", [])) <= names
+    assert study.questions.pop("split", "val") in study.evaluation["splits"]
     assert set(study.questions.values()) <= names
     for cell in cells:
         plan = study_mod.plan(cell, study, window=3)
@@ -194,6 +211,20 @@ def test_shipped_studies_parse_and_plan(tmp_path, name):
         assert by["flow"]["steps"] == pytest.approx(300 * 25_000 / 128, rel=0.01)
         assert by["iid"]["steps"] == pytest.approx(500 * 25_000 / 256, rel=0.01)
         assert by["iid-matched"]["steps"] == by["flow"]["steps"]
+
+
+def test_a_cell_may_run_its_own_seeds(build, tmp_path):
+    """A cell's ``seeds`` replace the study's for that cell; runs stay ordered seed by seed."""
+    study = write_study(tmp_path, build)
+    text = study.read_text().replace("seeds = [0]", "seeds = [0, 1]")
+    study.write_text(text.replace('name = "flow"\n', 'name = "flow"\nseeds = [1, 2]\n'))
+    loaded = study_mod.load_study(study, tmp_path)
+    cells = [(c.name, c.seed) for c in study_mod.expand(loaded, tmp_path)]
+    assert cells == [("iid", 0), ("flow", 1), ("iid", 1), ("flow", 2)]
+    assert all("seeds" not in c.options for c in study_mod.expand(loaded, tmp_path))
+    study.write_text(text.replace('name = "flow"\n', 'name = "flow"\nseeds = [1, 1]\n'))
+    with pytest.raises(study_mod.StudyError, match="'flow': seeds must be a list of distinct"):
+        study_mod.load_study(study, tmp_path)
 
 
 def test_a_cell_whose_options_changed_is_refused_not_mixed(build, tmp_path):
