@@ -24,7 +24,10 @@ from eval.runs import EVALS_DIR, RunError, check_out_dir, read_config
 from shards_spec.atomic import atomic_write_text
 from train.metrics import METRICS_NAME, read_metrics
 from train.objectives import WINDOW_METHODS
-from train.options import NOT_VARIANT  # config.json keys that do not make another variant
+from train.options import (
+    LEGACY_DEFAULTS,
+    NOT_VARIANT,  # config.json keys that do not make another variant
+)
 
 TITLES = {
     "inception": "FID (inception extractor)",
@@ -182,7 +185,10 @@ def malformed(ev: Any) -> str | None:
 
 
 def variant_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """The config items that make a variant, as sorted (key, JSON value) pairs."""
+    """The config items that make a variant, as sorted (key, JSON value) pairs. A key an older
+    config.json lacks counts as the value it meant then (``LEGACY_DEFAULTS``), so a run from
+    before an option existed is the same variant as a new run that leaves it at that value."""
+    config = {**LEGACY_DEFAULTS, **config}
     items = (k for k in config if k not in NOT_VARIANT)
     return tuple(sorted((k, json.dumps(config[k], sort_keys=True)) for k in items))
 

@@ -305,3 +305,7 @@ def test_two_seeds_of_one_command_are_one_variant(tmp_path):
         configs.append(json.loads((out / "config.json").read_text()))
     assert configs[0]["run_id"] != configs[1]["run_id"]
     assert variant_key(configs[0]) == variant_key(configs[1])
+    # a config.json written before an option existed is the variant of its old value
+    old = {k: v for k, v in configs[0].items() if k not in ("weighting", "flow_stat", "hflip")}
+    assert variant_key(old) == variant_key(configs[1])
+    assert variant_key({**old, "hflip": True}) != variant_key(configs[1])
