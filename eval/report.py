@@ -141,8 +141,10 @@ def _read_evals(path: Path, notes: list[str]) -> list[dict[str, Any]]:
             continue  # a temporary file of an evaluation being written
         try:
             ev = json.loads(file.read_text())
-        except (OSError, ValueError):
-            notes.append(f"unreadable {EVALS_DIR}/{file.name} (skipped)")
+        except (OSError, ValueError) as exc:
+            why = "does not parse" if isinstance(exc, ValueError) else f"unreadable ({exc})"
+            notes.append(f"{EVALS_DIR}/{file.name} {why} (skipped)")
+            print(f"warning: {file}: {why}; skipped", file=sys.stderr)
             continue
         why = malformed(ev)
         if why is None:

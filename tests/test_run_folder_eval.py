@@ -414,11 +414,13 @@ def test_report_skips_malformed_evaluations_with_a_warning(tmp_path, capsys):
         "00000008-val-offline.json": _ev(8, n_samples=[8]),
         "00000010-val-offline.json": "[1, 2]",
         "00000012-val-offline.json": _ev(True),
+        "00000014-val-offline.json": '{"step": 14, "fid": ',  # torn: does not parse
     })  # fmt: skip
     assert eval_main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
     warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
-    assert len(warnings) == 5
-    for step in (4, 6, 8, 10, 12):
+    assert len(warnings) == 6
+    assert any("00000014-val-offline.json: does not parse; skipped" in w for w in warnings)
+    for step in (4, 6, 8, 10, 12, 14):
         assert any(f"{step:08d}-val-offline.json" in w for w in warnings)
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "12.50" in text and "00000004-val-offline.json has step '4'" in text
