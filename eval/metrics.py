@@ -268,14 +268,39 @@ def open_split(build_path: str | os.PathLike, split: str) -> reader.Build:
 
 
 def sample_files(samples_dir: str | os.PathLike) -> tuple[list[Path], tuple[int, int]]:
-    """The sample PNGs (sorted by name, at least 2, one size) and their (width, height)."""
+    """The sample PNGs (sorted by name, at least 2, one size) and their (width, height).
+
+    A folder ``eval sample`` wrote (it holds ``sample.json``) counts only the images that record
+    names (``000000.png`` .. its ``n`` - 1); other PNGs there are left out with a warning.
+    """
     try:
-        files = list_images(samples_dir)
+        files = _recorded(Path(samples_dir), list_images(samples_dir))
         if len(files) < 2:
             raise MetricsError(f"{samples_dir}: {len(files)} PNG image(s), at least 2 are needed")
         return files, check_images(files)
     except FeatureError as exc:
         raise MetricsError(str(exc)) from None
+
+
+def _recorded(folder: Path, files: list[Path]) -> list[Path]:
+    """`files` less the PNGs an ``eval sample`` record does not name (warned, not counted)."""
+    from .sample import RECORD_NAME, image_name  # imported here: torch comes with it
+
+    try:
+        record = json.loads((folder / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return files  # no record (a folder of someone's PNGs), or one sample refuses itself
+    n = record.get("n") if isinstance(record, dict) else None
+    if type(n) is not int or n < 0:
+        return files
+    named = {image_name(i) for i in range(n)}
+    kept = [f for f in files if f.name in named]
+    if len(kept) < len(files):
+        extra = [f.name for f in files if f.name not in named]
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        print(f"warning: {folder}: {len(extra)} PNG(s) not written by eval sample left out "
+              f"({', '.join(extra[:3])}{more})", file=sys.stderr)  # fmt: skip
+    return kept
 
 
 def metric_name(extractor: str) -> str:

@@ -343,6 +343,27 @@ def test_sample_records_what_the_folder_holds(trained, tmp_path):
     assert record["n"] == 4 and record["complete"] is False and record["written"] == 2
 
 
+def test_scoring_counts_only_the_images_a_sample_record_names(tmp_path, capsys):
+    """Stray PNGs in a folder eval sample wrote are left out with a warning; a folder without
+    a record (someone's own PNGs) is taken whole."""
+    import cv2
+    import numpy as np
+
+    from eval.metrics import sample_files
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    names = [f"{i:06d}.png" for i in range(4)] + ["000009.png", "extra.png"]
+    for name in names:
+        cv2.imwrite(str(folder / name), np.zeros((8, 8, 3), np.uint8))
+    assert len(sample_files(folder)[0]) == 6  # no record yet: every PNG
+    (folder / "sample.json").write_text(json.dumps({"n": 4, "complete": True}))
+    files, size = sample_files(folder)
+    assert [f.name for f in files] == names[:4] and size == (8, 8)
+    err = capsys.readouterr().err
+    assert "2 PNG(s) not written by eval sample left out (000009.png, extra.png)" in err
+
+
 def test_sample_refuses_a_folder_of_a_run_that_started_over(trained, build, tmp_path, capsys):
     """The same folder, step and settings, but the run was trained again from step 0."""
     run, out = copy_run(trained, tmp_path / "run"), tmp_path / "s"
