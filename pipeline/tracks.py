@@ -31,6 +31,7 @@ from pipeline import frames as fr
 from pipeline.flow import downsample_flow, pair_values
 from pipeline.sources import FRAME_STRIDE, Track, numbered_images
 from shards_spec.atomic import atomic_write_bytes
+from shards_spec.format import MAG_ATOL, MAG_RTOL
 from shards_spec.writer import atomic_write_json, encode_png
 
 META = "meta.json"  # written last: the commit marker
@@ -79,7 +80,45 @@ def load_meta(cache: Path, track: Track, opts: TrackOptions) -> dict | None:
         return None
     if not isinstance(meta.get("pair_mag"), list):  # written before flow_mag: recompute
         return None
+    if not _well_formed(meta):  # edited or damaged: recompute rather than build on it
+        return None
     return meta
+
+
+def _pair_list(values, n: int) -> np.ndarray | None:
+    """One clip's per-pair values as float64, or None unless they are ``n`` finite numbers >= 0
+    (JSON numbers: no strings, nulls, booleans or nested lists)."""
+    if not isinstance(values, list) or len(values) != n:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        return None
+    arr = np.asarray(values, np.float64)
+    return arr if np.isfinite(arr).all() and (arr >= 0).all() else None
+
+
+def _well_formed(meta: dict) -> bool:
+    """Whether a cache entry's clips and per-pair values fit together: every clip a
+    [start, end) range of ``frames``, with ``end - start - 1`` values in ``pair_msq`` and in
+    ``pair_mag``, all finite numbers >= 0, and flow_mag^2 <= flow_msq per pair (Jensen; the
+    validator's tolerance). The plan lays the pairs of all tracks out by these lengths, so an
+    entry that breaks them would shift or leave unset the values of other windows."""
+    frames, clips = meta.get("frames"), meta.get("clips")
+    msq, mag = meta.get("pair_msq"), meta.get("pair_mag")
+    if not all(isinstance(x, list) for x in (frames, clips, msq, mag)):
+        return False
+    if not len(clips) == len(msq) == len(mag):
+        return False
+    for clip, m, g in zip(clips, msq, mag, strict=True):
+        if not (isinstance(clip, list) and len(clip) == 2
+                and all(isinstance(c, int) and not isinstance(c, bool) for c in clip)):  # fmt: skip
+            return False
+        start, end = clip
+        if not 0 <= start < end <= len(frames):
+            return False
+        m, g = _pair_list(m, end - start - 1), _pair_list(g, end - start - 1)
+        if m is None or g is None or (g * g > m * (1 + MAG_RTOL) + MAG_ATOL).any():
+            return False
+    return True
 
 
 def _inputs(track: Track, bgr: bool = False) -> Iterator[Decoded]:

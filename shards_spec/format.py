@@ -15,6 +15,9 @@ import pyarrow as pa
 SPEC_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 FLOW_MAG_SINCE = "1.1"  # the first version whose windows carry flow_mag (SPEC.md section 11)
+# mean(|F|)^2 <= mean(|F|^2) for every pair (Jensen); equal for a uniform field, so allow the
+# rounding of two float32 means: flow_mag^2 <= flow_msq * (1 + MAG_RTOL) + MAG_ATOL
+MAG_RTOL, MAG_ATOL = 1e-4, 1e-9
 
 MANIFEST_NAME = "dataset.json"
 INDEX_NAME = "index.parquet"

@@ -21,6 +21,8 @@ from .format import (
     INDEX_NAME,
     INDEX_SCHEMA,
     JSON_MEMBER,
+    MAG_ATOL,
+    MAG_RTOL,
     MANIFEST_NAME,
     MASK_RE,
     SHARD_RE,
@@ -41,9 +43,6 @@ from .writer import check_manifest, sha256_file
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PROBLEMS = 1000
-# mean(|F|)^2 <= mean(|F|^2) for every pair (Jensen); equal for a uniform field, so allow the
-# rounding of two float32 means
-MAG_RTOL, MAG_ATOL = 1e-4, 1e-9
 
 
 class Problems(list):

@@ -341,3 +341,89 @@ def test_a_cache_entry_without_pair_mag_is_a_miss(synth_root, tmp_path, monkeypa
     assert old_key != meta["cache_key"]
     meta_file.write_text(json.dumps({**meta, "cache_key": old_key}))
     assert tracks.load_meta(tmp_path, track, opts) is None
+
+
+def _one_track_cache(synth_root, tmp_path):
+    from pipeline import flow as fl
+    from pipeline import frames as fr
+    from pipeline import tracks
+    from pipeline.handco import discover_handco
+
+    track = discover_handco(synth_root, sequences="0", cameras="0").tracks[0]
+    opts = tracks.TrackOptions(fr.FrameSpec(32, 32))
+    meta = tracks.process_track(tmp_path, track, opts, tracks.CpuPairs(fl.OpenCVFlow("dis"), 0))
+    return tracks, track, opts, meta
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "drop_value",
+        "extra_value",
+        "drop_clip",
+        "extra_clip",
+        "strings",
+        "null",
+        "null_clip",
+        "null_item",
+        "negative",
+        "nan",
+        "bool",
+        "flat",
+        "dict",
+        "above_jensen",
+        "msq_drop_value",
+        "clip_out_of_range",
+    ],
+)
+def test_a_cache_entry_with_malformed_pair_values_is_a_miss(synth_root, tmp_path, damage):
+    """pair_mag (or pair_msq) of the wrong length or with non-numbers is recomputed: the plan
+    lays every track's pairs out by the lengths of pair_msq, so a short pair_mag left
+    np.empty garbage in other windows' flow_mag (a valid-looking build), a long one or a null
+    clip stopped the build with a broadcast error or a traceback."""
+    tracks, track, opts, meta = _one_track_cache(synth_root, tmp_path)
+    assert tracks.load_meta(tmp_path, track, opts) == meta
+    mag = meta["pair_mag"]
+    assert len(mag) == 1 and len(mag[0]) > 2
+    bad = json.loads(json.dumps(meta))
+    edits = {
+        "drop_value": lambda m: m["pair_mag"][0].pop(),
+        "extra_value": lambda m: m["pair_mag"][0].append(0.5),
+        "drop_clip": lambda m: m["pair_mag"].pop(),
+        "extra_clip": lambda m: m["pair_mag"].append([0.1, 0.2]),
+        "strings": lambda m: m.__setitem__("pair_mag", [[str(v) for v in mag[0]]]),
+        "null": lambda m: m.__setitem__("pair_mag", None),
+        "null_clip": lambda m: m.__setitem__("pair_mag", [None]),
+        "null_item": lambda m: m["pair_mag"][0].__setitem__(0, None),
+        "negative": lambda m: m["pair_mag"][0].__setitem__(0, -0.5),
+        "nan": lambda m: m["pair_mag"][0].__setitem__(0, float("nan")),
+        "bool": lambda m: m["pair_mag"][0].__setitem__(0, True),
+        "flat": lambda m: m.__setitem__("pair_mag", list(mag[0])),
+        "dict": lambda m: m.__setitem__("pair_mag", {"0": mag[0]}),
+        "above_jensen": lambda m: m["pair_mag"][0].__setitem__(
+            0, 1.01 * m["pair_msq"][0][0] ** 0.5 + 1e-3
+        ),
+        "msq_drop_value": lambda m: m["pair_msq"][0].pop(),
+        "clip_out_of_range": lambda m: m["clips"][0].__setitem__(1, len(m["frames"]) + 1),
+    }
+    edits[damage](bad)
+    meta_file = tracks.track_dir(tmp_path, track) / tracks.META
+    meta_file.write_text(json.dumps(bad))
+    assert tracks.load_meta(tmp_path, track, opts) is None  # recomputed, never built on
+
+
+def test_a_short_cached_pair_mag_rebuilds_to_fresh_bytes(built, synth_root, tmp_path):
+    """End to end: one track's pair_mag one value short is processed again, not laid out."""
+    out, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta_file = sorted((copy / ".cache").glob("*/meta.json"))[0]
+    meta = json.loads(meta_file.read_text())
+    clip = next(i for i, c in enumerate(meta["pair_mag"]) if c)
+    meta["pair_mag"][clip].pop()
+    meta_file.write_text(json.dumps(meta))
+    build(small_config(synth_root, shard_size=5), Runtime(out=str(copy), overwrite=True,
+                                                         progress=False))  # fmt: skip
+    assert validate(copy) == []
+    build(small_config(synth_root), Runtime(out=str(copy), overwrite=True, progress=False))
+    assert tree_bytes(copy) == tree_bytes(out)
