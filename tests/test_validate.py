@@ -281,3 +281,22 @@ def test_a_1_0_build_is_valid_without_flow_mag(tmp_path):
     rows[0]["weight"] = [0.5, 0.5]
     write_index(old / "index.parquet", rows, INDEX_SCHEMA_1_0)
     assert validate(old) == [f"index.parquet: row 0 ({KEY}): weight differs from sample json"]
+
+
+@pytest.mark.parametrize("column", ["flow_mag", "flow_msq"])
+@pytest.mark.parametrize("cell", ["row", "item"])
+def test_index_list_cell_with_nulls_is_a_finding(root, column, cell):
+    """A nullable index column (written by another tool) with a null list or a null element
+    was a TypeError traceback out of validate()."""
+    import pyarrow as pa
+
+    from shards_spec.format import INDEX_SCHEMA
+
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    if cell == "row":
+        rows[0][column] = None
+    else:
+        rows[0][column][0] = None
+    nullable = pa.schema([f.with_nullable(True) for f in INDEX_SCHEMA])
+    pq.write_table(pa.Table.from_pylist(rows, schema=nullable), root / "index.parquet")
+    assert _has(validate(root), f"row 0 ({KEY}): {column} has null values")
