@@ -278,8 +278,8 @@ def speed_section(questions: dict, by_cell, scores: Scores) -> Section:
     lines += [
         "Levels: the reference cell's mean value at 25%, 50%, 75% and 100% of its validation "
         "points (EMA validation loss) or of its evaluation points (Frechet distance of samples "
-        f"to the {scores.split} frames), mean over its seeds. Each entry: (reference position) / (cell "
-        "position) at the cell's first point at or below the level, as the ratio of seed means, "
+        f"to the {scores.split} frames), mean over its seeds. Each entry: (reference position) "
+        "/ (cell position) at the cell's first point at or below the level, as the ratio of seed means, "
         "the range over seed pairs, and the cell's positions. > 1: the cell is faster. "
         "Resolution: one validation or evaluation interval.",
         "",
@@ -428,8 +428,9 @@ def _reading(config: dict) -> str:
     return f"{weighting} on flow_{stat} ({name} {scale}), lam {config.get('lam')}"
 
 
-def _sample_rows(names, by_cell, scores: Scores, res: dict) -> list[list[str]]:
-    """Per cell: its reading, final val loss and the last evaluation's sample metrics."""
+def _sample_table(names, by_cell, scores: Scores, res: dict) -> list[str]:
+    """Per cell: its reading, final val loss and the last evaluation's sample metrics (the
+    numbers also go into `res`)."""
     rows = []
     for name in names:
         runs = by_cell.get(name, [])
@@ -440,7 +441,9 @@ def _sample_rows(names, by_cell, scores: Scores, res: dict) -> list[list[str]]:
         res[name] = {"reading": reading, "final_val": val, **finals}
         rows.append([name, reading, f"{len(runs)}", mean_std(val, n, 4),
                      *[mean_std(finals[k], n) for k in SAMPLE_KEYS]])  # fmt: skip
-    return rows
+    header = ["cell", "reading", "seeds", "val loss (EMA)", "FD", "precision", "recall",
+              "density", "coverage"]  # fmt: skip
+    return table(header, rows)
 
 
 def readings_section(questions: dict, by_cell, scores: Scores) -> Section:
@@ -454,16 +457,12 @@ def readings_section(questions: dict, by_cell, scores: Scores) -> Section:
                                   if questions.get(k)), *readings]))  # fmt: skip
     lines += [
         "At the end of the equal image budget, mean ± std over seeds; sample metrics of the "
-        f"last evaluation point against the {scores.split} frames ({scores.extractor} extractor). "
-        "Speed-ups on "
-        "the validation loss and on the FD are in the Q1, Q2 tables.",
+        f"last evaluation point against the {scores.split} frames ({scores.extractor} "
+        "extractor). Speed-ups on the validation loss and on the FD are in the Q1, Q2 tables.",
         "",
     ]
-    header = ["cell", "reading", "seeds", "val loss (EMA)", "FD", "precision", "recall",
-              "density", "coverage"]  # fmt: skip
     res: dict[str, Any] = {}
-    rows = _sample_rows(names, by_cell, scores, res)
-    lines += [*table(header, rows), ""]
+    lines += [*_sample_table(names, by_cell, scores, res), ""]
     lines += [f"{scores.fd} at each evaluation point:", ""]
     lines += [*fd_curve_table(names, by_cell, scores), ""]
     return Section(lines, {"readings": res})
@@ -474,17 +473,14 @@ def diversity_section(study, by_cell, scores: Scores, out: Path) -> Section:
     names = [c["name"] for c in study.grid]
     lines = ["## Q7: diversity", ""]
     lines += [
-        f"Recall (the share of real {scores.split} frames whose neighbourhood holds a sample) and "
-        "coverage "
-        "(the share of real frames with a sample inside their own nearest-neighbour ball) of "
-        "the last evaluation point, mean ± std over seeds, with precision and density beside "
-        "them; then each cell's last samples (first seed).",
+        f"Recall (the share of real {scores.split} frames whose neighbourhood holds a sample) "
+        "and coverage (the share of real frames with a sample inside their own nearest-"
+        "neighbour ball) of the last evaluation point, mean ± std over seeds, with precision "
+        "and density beside them; then each cell's last samples (first seed).",
         "",
     ]
-    header = ["cell", "reading", "seeds", "val loss (EMA)", "FD", "precision", "recall",
-              "density", "coverage"]  # fmt: skip
     res: dict[str, Any] = {}
-    lines += [*table(header, _sample_rows(names, by_cell, scores, res)), ""]
+    lines += [*_sample_table(names, by_cell, scores, res), ""]
     grids = {}
     for name in names:
         shown = variants(by_cell, [name])
