@@ -252,8 +252,9 @@ def _prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
         )
     old_spec = previous.get("spec_version") if previous is not None else None
     if finished and same_config and old_spec != SPEC_VERSION and not overwrite:
+        what = f"of shard spec {old_spec}" if old_spec else "that records no shard spec version"
         raise BuildError(
-            f"{out} holds a build of shard spec {old_spec}; this code writes {SPEC_VERSION}: pass "
+            f"{out} holds a build {what}; this code writes {SPEC_VERSION}: pass "
             "--overwrite to rebuild it (tracks cached before spec 1.1 are processed again once)"
         )
     if previous is not None and previous != identity:

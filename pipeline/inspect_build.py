@@ -23,15 +23,23 @@ BAND = 20  # height of the text bands above and below each row
 HIST_BINS = 40
 
 
+def _finite(values) -> np.ndarray:
+    arr = np.asarray(values, float)
+    return arr[np.isfinite(arr)]
+
+
 def _hist_panel(ax, values_by_split: dict[str, np.ndarray], mark: float, label: str,
                 xlabel: str) -> dict:  # fmt: skip
-    """One histogram per split on ``ax`` with a dashed line at ``mark``; its bins and counts."""
-    every = np.concatenate([np.asarray(v, float) for v in values_by_split.values()] or [[]])
+    """One histogram per split on ``ax`` with a dashed line at ``mark``; its bins and counts.
+    Values that are not finite (null cells of a damaged index; ``validate`` names them) are left
+    out."""
+    values_by_split = {s: _finite(v) for s, v in values_by_split.items()}
+    every = np.concatenate([*values_by_split.values(), np.zeros(0)])
     top = float(np.percentile(every, 99.5)) if every.size else 1.0
     edges = np.linspace(0.0, max(top, mark * 2, 1e-6), HIST_BINS + 1)
     counts = {}
     for split, values in values_by_split.items():
-        clipped = np.clip(np.asarray(values, float), edges[0], edges[-1])
+        clipped = np.clip(values, edges[0], edges[-1])
         counts[split] = np.histogram(clipped, bins=edges)[0].tolist()
         ax.hist(clipped, bins=edges, histtype="step", label=f"{split} ({len(values)} pairs)")
     ax.axvline(mark, color="k", linestyle="--", linewidth=1, label=f"{label} = {mark:.3g}")
@@ -90,7 +98,7 @@ def _grid(samples: list[dict], window: int, size: int, mag: bool = False) -> np.
             _label(grid, text, (k + 1) * tile, 0, top + BAND + tile + BAND - 7)
         if mag:
             for k, m in enumerate(meta.get("flow_mag") or ()):
-                _label(grid, f"mag {m:.3g}", (k + 1) * tile, 0, top + row_h - 7)
+                _label(grid, f"mag {_num(m)}", (k + 1) * tile, 0, top + row_h - 7)
     return grid
 
 
@@ -128,6 +136,8 @@ def inspect_build(
     sigma = float(build.manifest["flow"]["sigma"])
     mag_stats = build.manifest["flow"].get("mag_stats") if mag else None
     median = mag_stats["percentiles"]["p50"] if mag_stats else None
+    if not isinstance(median, (int, float)) or not np.isfinite(median):
+        median = None
     hist_bytes, hist, mag_hist = _hist_png(values, sigma, mags, median)
     atomic_write_bytes(hist_path, hist_bytes)
 
@@ -162,6 +172,11 @@ def inspect_build(
     }
 
 
+def _num(value: float | None) -> str:
+    """A statistic for the summary; a damaged manifest may hold nulls (``validate`` says so)."""
+    return "n/a" if not isinstance(value, (int, float)) else f"{value:.3g}"
+
+
 def format_inspect(report: dict) -> str:
     """A short human summary of an inspect report."""
     lines = [
@@ -180,7 +195,8 @@ def format_inspect(report: dict) -> str:
     if stats["count"]:
         lines.append(
             f"  flow {report['flow_backend']}: sigma {report['sigma']:.4g}; flow_msq p5 "
-            f"{p['p5']:.3g}  p50 {p['p50']:.3g}  p95 {p['p95']:.3g}  max {stats['max']:.3g}"
+            f"{_num(p['p5'])}  p50 {_num(p['p50'])}  p95 {_num(p['p95'])}  "
+            f"max {_num(stats['max'])}"
         )
     else:
         lines.append(f"  flow {report['flow_backend']}: sigma {report['sigma']:.4g}; no stats")
@@ -188,8 +204,8 @@ def format_inspect(report: dict) -> str:
     if mag and mag["count"]:
         q = mag["percentiles"]
         lines.append(
-            f"  flow_mag p5 {q['p5']:.3g}  p50 {q['p50']:.3g}  p95 {q['p95']:.3g}  "
-            f"max {mag['max']:.3g} (pixels)"
+            f"  flow_mag p5 {_num(q['p5'])}  p50 {_num(q['p50'])}  p95 {_num(q['p95'])}  "
+            f"max {_num(mag['max'])} (pixels)"
         )
     lines.append(f"  grid: {report['grid_png']} ({len(report['shown'])} windows)")
     lines.append(f"  flow histogram: {report['hist_png']}")

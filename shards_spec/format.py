@@ -118,7 +118,7 @@ def check_key(key: str) -> None:
 
 def _version_tuple(version: Any) -> tuple[int, int]:
     """(major, minor) of a ``"MAJOR.MINOR"`` spec version string."""
-    match = re.match(r"^([0-9]+)\.([0-9]+)$", str(version))
+    match = re.fullmatch(r"([0-9]+)\.([0-9]+)", str(version))
     if not match:
         raise SpecError(f"bad spec_version {version!r}: expected 'MAJOR.MINOR'")
     return int(match.group(1)), int(match.group(2))

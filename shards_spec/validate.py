@@ -25,6 +25,7 @@ from .format import (
     MAG_RTOL,
     MANIFEST_NAME,
     MASK_RE,
+    PERCENTILES,
     SHARD_RE,
     SKIPPED_NAME,
     SKIPPED_SCHEMA,
@@ -462,9 +463,38 @@ def _compare_row(i: int, row: dict, found: tuple, problems: Problems) -> None:
             problems.add(f"{INDEX_NAME}: row {i} ({row['key']}): {name} differs from sample json")
 
 
+def _stats_finding(name: str, stats: dict) -> str | None:
+    """What is wrong with one pair-statistics object, or None: with no pairs every value is
+    null; otherwise every value is a finite number >= 0 and min <= p1 <= ... <= p99 <= max, with
+    the mean between min and max."""
+    where = f"{MANIFEST_NAME}: flow.{name}"
+    values = {"mean": stats["mean"], "min": stats["min"], "max": stats["max"],
+              **stats["percentiles"]}  # fmt: skip
+    if stats["count"] == 0:
+        if any(v is not None for v in values.values()):
+            return f"{where} counts 0 pairs but has values"
+        return None
+    bad = sorted(k for k, v in values.items()
+                 if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0)  # fmt: skip
+    if bad:
+        return f"{where}: {', '.join(bad)} not a finite number >= 0"
+    order = [stats["min"], *(stats["percentiles"][f"p{p}"] for p in PERCENTILES), stats["max"]]
+    slack = 1e-9 * max(order[-1], 1.0)  # a float mean of equal values may pass max by an ulp
+    if any(b < a - slack for a, b in zip(order, order[1:], strict=False)):
+        return f"{where}: min, percentiles and max are not in increasing order"
+    if not stats["min"] - slack <= stats["mean"] <= stats["max"] + slack:
+        return f"{where}: mean {stats['mean']} is outside [min, max]"
+    return None
+
+
 def _check_flow_stats(manifest: dict, problems: Problems) -> None:
-    """flow.mag_stats summarises the same pairs as flow.stats (SPEC section 6)."""
+    """flow.stats and flow.mag_stats are coherent summaries, and mag_stats summarises the same
+    pairs as stats (SPEC section 6)."""
     flow = manifest["flow"]
+    for name in ("stats", "mag_stats"):
+        finding = _stats_finding(name, flow[name]) if name in flow else None
+        if finding:
+            problems.add(finding)
     if "mag_stats" in flow and flow["mag_stats"]["count"] != flow["stats"]["count"]:
         problems.add(
             f"{MANIFEST_NAME}: flow.mag_stats counts {flow['mag_stats']['count']} pairs, "

@@ -294,6 +294,17 @@ def test_a_1_0_build_reads_validates_inspects_and_subsets(built, tmp_path):
     assert sub.manifest["spec_version"] == "1.0" and validate(tmp_path / "sub") == []
 
 
+def test_a_build_without_a_spec_version_is_refused_by_name(built, synth_root, tmp_path):
+    out, _ = built
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "dataset.json").read_text())
+    del manifest["spec_version"]
+    (old / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(BuildError, match="records no shard spec version; this code writes 1.1"):
+        build(small_config(synth_root), Runtime(out=str(old), progress=False))
+
+
 def _mtimes(out: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in (out / ".cache").glob("*/meta.json")}
 

@@ -67,6 +67,38 @@ def test_grid_shows_flow_mag_under_each_pair():
     assert not (inspect_mod._grid([sample], 3, 8)[band + tile + band :]).size  # 1.0: one line
 
 
+def test_inspect_survives_nulls_in_stats_and_flow_mag(src, tmp_path):
+    """A damaged manifest (null statistics) or index (null flow_mag cells) was a TypeError or
+    ValueError traceback; inspect now shows "n/a" and leaves the null pairs out of the
+    histogram, and validate names the damage."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards_spec.format import INDEX_SCHEMA
+    from shards_spec.writer import write_manifest
+
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    manifest = json.loads((bad / "dataset.json").read_text())
+    manifest["flow"]["mag_stats"]["percentiles"]["p50"] = None
+    manifest["flow"]["stats"]["max"] = None
+    write_manifest(bad / "dataset.json", manifest)
+    rows = pq.read_table(bad / "index.parquet").to_pylist()
+    rows[0]["flow_mag"][0] = None
+    nullable = pa.schema([f.with_nullable(True) for f in INDEX_SCHEMA])
+    pq.write_table(pa.Table.from_pylist(rows, schema=nullable), bad / "index.parquet")
+    report = inspect_build(bad, str(tmp_path / "look.png"), n=3)
+    text = format_inspect(report)
+    assert "p50 n/a" in text and "max n/a" in text
+    assert sum(sum(c) for c in report["mag_hist"]["counts"].values()) == 27  # 28 pairs, 1 null
+    problems = validate(bad)
+    assert any("flow.stats: max not a finite number" in p for p in problems)
+    assert any("flow.mag_stats: p50 not a finite number" in p for p in problems)
+
+
 @pytest.fixture(scope="module")
 def old(tmp_path_factory):
     """A spec 1.0 build: no flow_mag in the JSON or the index, no mag_stats."""

@@ -78,6 +78,9 @@ def test_has_flow_mag_needs_a_version():
         has_flow_mag({})
     with pytest.raises(SpecError, match="bad spec_version"):
         has_flow_mag({"spec_version": "one"})
+    for bad in ("1.1\n", " 1.1", "1.1.0"):  # `$` alone would let the newline through
+        with pytest.raises(SpecError, match="bad spec_version"):
+            has_flow_mag({"spec_version": bad})
     assert INDEX_SCHEMA_1_0.names == [n for n in INDEX_SCHEMA.names if n != "flow_mag"]
     names = INDEX_SCHEMA.names
     assert names[names.index("flow_msq") + 1] == "flow_mag"

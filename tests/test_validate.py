@@ -300,3 +300,34 @@ def test_index_list_cell_with_nulls_is_a_finding(root, column, cell):
     nullable = pa.schema([f.with_nullable(True) for f in INDEX_SCHEMA])
     pq.write_table(pa.Table.from_pylist(rows, schema=nullable), root / "index.parquet")
     assert _has(validate(root), f"row 0 ({KEY}): {column} has null values")
+
+
+@pytest.mark.parametrize("name", ["stats", "mag_stats"])
+@pytest.mark.parametrize(
+    "damage, finding",
+    [
+        (lambda st: st.update(max=None), "max not a finite number >= 0"),
+        (lambda st: st["percentiles"].update(p50=-1.0), "p50 not a finite number >= 0"),
+        (lambda st: st.update(mean=st["max"] * 2 + 1), "is outside [min, max]"),
+        (lambda st: st["percentiles"].update(p25=st["max"] + 1), "not in increasing order"),
+        (lambda st: st.update(count=0), "counts 0 pairs but has values"),
+    ],
+)
+def test_flow_stats_values_are_checked(root, name, damage, finding):
+    """flow.stats and flow.mag_stats were checked for their shape only: a null or negative
+    statistic, or one out of order, passed and later broke `pipeline inspect`."""
+    manifest = json.loads((root / "dataset.json").read_text())
+    damage(manifest["flow"][name])
+    write_manifest(root / "dataset.json", manifest)
+    assert _has(validate(root), f"dataset.json: flow.{name}", finding)
+
+
+def test_flow_stats_of_equal_values_pass(root):
+    """A mean one ulp above max (float sums of equal values) is not a finding."""
+    manifest = json.loads((root / "dataset.json").read_text())
+    st = manifest["flow"]["stats"]
+    v = 0.1
+    st.update(min=v, max=v, mean=float(np.nextafter(v, 1.0)))
+    st["percentiles"] = {k: v for k in st["percentiles"]}
+    write_manifest(root / "dataset.json", manifest)
+    assert not _has(validate(root), "flow.stats")
