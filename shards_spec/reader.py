@@ -24,6 +24,7 @@ from .format import (
     SpecError,
     check_version,
     frame_member,
+    index_schema,
     is_forbidden,
     is_meta,
     mask_member,
@@ -247,15 +248,34 @@ class Build:
         Read only the columns you need: at HanCo size (~850k rows) the whole table is a few
         hundred MB in Arrow, and several GB as Python objects (``to_pylist``).
         """
-        return pq.read_table(self.path / INDEX_NAME, columns=columns)
+        return pq.read_table(self._index_file(columns), columns=columns)
 
     def index_batches(
         self, columns: list[str] | None = None, batch_size: int = 65536
     ) -> Iterator[pa.RecordBatch]:
         """The index's rows in order, ``batch_size`` at a time (bounded memory)."""
-        yield from pq.ParquetFile(self.path / INDEX_NAME).iter_batches(
+        yield from pq.ParquetFile(self._index_file(columns)).iter_batches(
             batch_size=batch_size, columns=columns
         )
+
+    def _index_file(self, columns: list[str] | None) -> Path:
+        """The index file, after checking that it has ``columns`` (a SpecError names those it
+        lacks, where pyarrow would say "No match for FieldRef")."""
+        file = self.path / INDEX_NAME
+        if columns:
+            names = set(pq.read_schema(file).names)
+            missing = [c for c in columns if c not in names]
+            version = self.manifest["spec_version"]
+            if missing and set(missing) <= set(index_schema(self.manifest).names):
+                raise SpecError(
+                    f"{file}: no column {', '.join(missing)}, which spec {version} requires; "
+                    f"`pipeline validate {self.path}` lists what else is wrong"
+                )
+            if missing:
+                raise SpecError(
+                    f"{file}: no column {', '.join(missing)} (it has {', '.join(sorted(names))})"
+                )
+        return file
 
     def raw_at(self, wanted: Iterable[tuple[str, int]]) -> Iterator[dict]:
         """Raw samples at ``(shard, position)`` pairs, in the order given.

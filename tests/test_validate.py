@@ -263,6 +263,23 @@ def test_index_without_flow_mag_column_in_a_1_1_build(root):
     assert "index.parquet: column flow_mag missing" in validate(root)
 
 
+def test_reading_a_missing_index_column_names_it(root):
+    """Reading a column the index lacks was pyarrow's "No match for FieldRef" error."""
+    from shards_spec import open_build
+    from shards_spec.format import SpecError
+
+    rows = pq.read_table(root / "index.parquet").to_pylist()
+    write_index(root / "index.parquet", rows, INDEX_SCHEMA_1_0)
+    build = open_build(root)
+    with pytest.raises(SpecError, match="no column flow_mag, which spec 1.1 requires; `pipeline"):
+        build.index(["split", "flow_mag"])
+    with pytest.raises(SpecError, match="no column flow_mag, which spec 1.1 requires"):
+        next(build.index_batches(["flow_mag"]))
+    with pytest.raises(SpecError, match=r"no column nope \(it has .*flow_msq"):
+        build.index(["nope"])
+    assert build.index(["split"]).num_rows == len(rows)
+
+
 def test_mag_stats_missing_or_counting_other_pairs(root):
     manifest = json.loads((root / "dataset.json").read_text())
     manifest["flow"]["mag_stats"]["count"] += 1
