@@ -38,11 +38,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.handco import META_KEYS  # the keys of HanCo's meta.json, which synth writes
 from shards_spec.atomic import atomic_write_bytes
 
 __all__ = ["generate", "add_arguments", "run", "META_KEYS"]
-
-META_KEYS = ("is_train", "subject_id", "is_valid", "object_id", "has_fit")
 
 # Seed-sequence tags, so that each random stream is independent of the others.
 _TAG_SEQUENCE = 1
