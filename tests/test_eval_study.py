@@ -191,7 +191,15 @@ def test_plan_spends_the_image_budget_in_whole_evaluation_intervals(build, tmp_p
 
 
 @pytest.mark.parametrize(
-    "name", ["cpu-mini", "handco-paper", "gpu-64px", "cpu-converged", "cpu-converged-pilot"]
+    "name",
+    [
+        "cpu-mini",
+        "handco-paper",
+        "gpu-64px",
+        "cpu-converged",
+        "cpu-converged-pilot",
+        "cpu-converged-lambda",
+    ],
 )
 def test_shipped_studies_parse_and_plan(tmp_path, name):
     """The shipped study files parse; every cell's plan spends its budget (the paper's epochs)."""
