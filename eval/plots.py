@@ -301,11 +301,31 @@ def _entry(title: str, file: str | bool | None, caption: str, missing: str) -> l
     return [f"### {title}", "", f"![{caption}]({file})", "", f"*{caption}*", ""]
 
 
+def drop_stale(out: Path, pattern: str, drawn: set[str]) -> None:
+    """Delete the files matching `pattern` in `out` that this writing did not draw: a figure of
+    an earlier report (a cell since removed, a grid numbered differently, a plot with no data
+    now) must not sit beside the report that no longer shows it."""
+    for path in out.glob(pattern):
+        if path.name not in drawn:
+            path.unlink()
+
+
+REPORT_FIGURES = ("fid-*.png", "val-loss-*.png", "optimisation.png", "grad-var.png", "samples-*.png")
+
+
 def section(variants, out: Path, names: dict[str, tuple[str, str]]) -> list[str]:
     """Draw every figure into `out`; the markdown of the report's plot section.
 
-    `names` maps each extractor to report to its (title, short name).
+    `names` maps each extractor to report to its (title, short name). Figures of an earlier
+    report in `out` that this one does not draw are removed.
     """
+    drawn: set[str] = set()
+
+    def entry(title: str, file: str, ok: object, caption: str, missing: str) -> list[str]:
+        if ok:
+            drawn.add(file)
+        return _entry(title, ok and file, caption, missing)
+
     lines = ["## Plots", "", "Mean over seeds of the points at the same step (x: the mean of"]
     lines += ["their positions); shaded: min-max over seeds.", ""]
     for ext, (title, short) in names.items():
@@ -314,30 +334,26 @@ def section(variants, out: Path, names: dict[str, tuple[str, str]]) -> list[str]
             ok = fid_plot(variants, ext, name=short, axis=axis, path=out / file)
             caption = f"{title}: val (left) and train (right) against {AXIS_TITLES[axis]}."
             missing = f"no {title} points in any run"
-            lines += _entry(f"{title} against {AXIS_TITLES[axis]}", ok and file, caption, missing)
+            lines += entry(f"{title} against {AXIS_TITLES[axis]}", file, ok, caption, missing)
     for axis in ("epochs", "images", "wall"):
         file = f"val-loss-{axis}.png"
         ok = val_loss_plot(variants, axis, out / file)
         caption = f"Validation loss of the EMA weights against {AXIS_TITLES[axis]}."
         missing = "no validation points in any run"
-        lines += _entry(
-            f"Validation loss against {AXIS_TITLES[axis]}", ok and file, caption, missing
-        )
+        lines += entry(f"Validation loss against {AXIS_TITLES[axis]}", file, ok, caption, missing)
     ok = optimisation_plot(variants, out / "optimisation.png")
     caption = "Gradient norm (before clipping) and parameter distance from init against steps."
     missing = "no per-step records in any run"
-    lines += _entry(
-        "Optimisation (the paper's Fig. 3)", ok and "optimisation.png", caption, missing
-    )
+    lines += entry("Optimisation (the paper's Fig. 3)", "optimisation.png", ok, caption, missing)
     ok = grad_var_plot(variants, out / "grad-var.png")
     caption = "Per-sample gradient variance on the fixed probe batch against epochs (log y if > 0)."
-    lines += _entry(
-        "Gradient variance", ok and "grad-var.png", caption, "no diag records in any run"
-    )
+    lines += entry("Gradient variance", "grad-var.png", ok, caption, "no diag records in any run")
     lines += ["## Samples", ""]
     for i, v in enumerate(variants):
         file = f"samples-{i:02d}-{slug(v.label)}.png"
         caption = sample_grid(v, out / file)
         missing = f"no samples/<step>/*.png in `{v.runs[0].path}`"
-        lines += _entry(v.label, caption and file, f"{v.label}: {caption}", missing)
+        lines += entry(v.label, file, caption, f"{v.label}: {caption}", missing)
+    for pattern in REPORT_FIGURES:
+        drop_stale(out, pattern, drawn)
     return lines

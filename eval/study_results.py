@@ -682,7 +682,11 @@ def write(study, cells, out: Path) -> Path:
         )  # fmt: skip
         lines += ["## Figures", ""]
         for file, ok, caption in figures:
-            lines += [f"![{caption}]({file})" if ok else f"*Not plotted: {file}.*", "", f"*{caption}*", ""]  # fmt: skip
+            lines += [f"![{caption}]({file})", "", f"*{caption}*", ""] if ok else [
+                f"*{caption} Not plotted: no cells or points for it ({file}).*", ""]  # fmt: skip
+        drawn = {file for file, ok, _ in figures if ok}
+        drawn |= {file for file in results.get("sample_grids", {}).values() if file}
+        plots.drop_stale(out, "study-*.png", drawn)
     for name, data in (("results.json", results), ("curves.json", curves(by_cell))):
         text = json.dumps(data, indent=None, separators=(",", ":"), default=str)
         atomic_write_text(out / name, text)

@@ -266,11 +266,19 @@ def test_plots_exist_and_are_linked(report):
 
 
 def test_run_without_evals_shows_missing(runs, tmp_path):
+    """Missing points are said; the figures an earlier report left in the folder that this
+    one does not draw are removed, and files that are not the report's are kept."""
     out = tmp_path / "rep"
+    out.mkdir()
+    stale = ("fid-inception-epochs.png", "samples-03-flow-lam-10.png", "grad-var.png")
+    for name in (*stale, "notes.txt", "my-figure.png"):
+        (out / name).write_bytes(b"earlier")
     text = make_report([runs["c"]], out).read_text()
     assert "| iid | 1 (0) | — | — |" in text and "no FID points" in text
     assert "*Not plotted: no FID (inception extractor) points in any run.*" in text
-    assert not (out / "fid-inception-epochs.png").exists()
+    assert not any((out / name).exists() for name in stale[:2])
+    assert (out / "grad-var.png").read_bytes() != b"earlier"  # redrawn from the run's records
+    assert (out / "notes.txt").is_file() and (out / "my-figure.png").is_file()
     assert (out / "val-loss-epochs.png").stat().st_size > 0
 
 

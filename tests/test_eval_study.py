@@ -107,9 +107,12 @@ def test_two_cell_study_runs_resumes_and_skips(build, tmp_path):
     assert curves["flow-s0"]["steps"][-1]["step"] == 8 and len(curves["iid-s0"]["evals"]) == 4
 
     mtimes = {p: p.stat().st_mtime_ns for p in (flow / "evals").iterdir()}
+    (out / "study-samples-a-removed-cell.png").write_bytes(b"an earlier grid")
     second = run_study(study, out)
     assert second.returncode == 0
     assert second.stderr.count(": skipped") == 2
+    assert not (out / "study-samples-a-removed-cell.png").exists()  # results show what is there
+    assert (out / "study-samples-flow.png").is_file()
     assert {p: p.stat().st_mtime_ns for p in (flow / "evals").iterdir()} == mtimes
 
     # an interrupted cell: not done, its last checkpoint and evaluations gone
