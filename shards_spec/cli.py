@@ -53,6 +53,30 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT while the block runs, then deliver the first that came, to the
+    handlers in place before (`Stopped`, KeyboardInterrupt, or the default).
+
+    For steps that must not be cut in half: a loader starting its worker processes, stopped
+    midway, drops the queues a started worker is still reading and the worker dies with a
+    traceback. A no-op off the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def disk_full(exc: BaseException | None) -> bool:
     """Whether `exc` or an error it was raised from is a full disk (or quota).
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from shardutil import edit_shard, make_build, read_members
 
 from shards_spec import SpecError, open_build
+from shards_spec.cli import Stopped, signals_deferred, stop_on_sigterm
 from shards_spec.reader import decode_png
 from train.data import DataError, Stream, batches, fixed_windows, lane_batches, stream_for
 
@@ -217,6 +220,38 @@ def test_one_loader_worker_matches_loading_in_process(small):
     finally:
         loader.close()
     assert_same(got, load(make_stream(small, workers=0), 1, 5))
+
+
+def test_a_signal_while_the_workers_start_waits_and_they_are_shut_down(small, monkeypatch):
+    """SIGTERM that comes while the loader starts its workers is held until they have started;
+    then it stops the stream, and the stream shuts every worker down (a worker left starting
+    while its queues are dropped dies with a traceback)."""
+    started = []
+    original = torch.utils.data.DataLoader.__iter__
+
+    def iter_then_signal(self):
+        it = original(self)
+        started.append(it)
+        os.kill(os.getpid(), signal.SIGTERM)  # as if it came just before iter() returned
+        return it
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iter_then_signal)
+    loader = batches(make_stream(small, workers=2), 0)
+    with stop_on_sigterm(), pytest.raises(Stopped):
+        next(loader)
+    assert len(started) == 1 and started[0]._shutdown
+    assert not any(w.is_alive() for w in started[0]._workers)
+
+
+def test_signals_deferred_delivers_the_held_signal_after_the_block():
+    """Inside the block SIGTERM is held; on leaving it the previous handler gets it."""
+    reached = []
+    with stop_on_sigterm(), pytest.raises(Stopped), signals_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("after the signal")
+    assert reached == ["after the signal"]
+    with signals_deferred():  # no signal: nothing delivered
+        pass
 
 
 # ---------------------------------------------------------------- frames

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from shards_spec import Build, SpecError
+from shards_spec.cli import signals_deferred
 from shards_spec.format import JSON_MEMBER, frame_member
 from shards_spec.reader import raw_samples
 from shards_spec.writer import sha256_file
@@ -444,22 +445,24 @@ def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[di
     for the fields). Raises DataError when the data cannot be read.
     """
     dataset = LaneParts(stream, start)
-    if stream.workers == 0:
-        source: Iterator[dict] = iter(dataset)
-    else:
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=stream.workers,
-            pin_memory=pin_memory,
-            persistent_workers=True,
-            prefetch_factor=4 if pin_memory else 2,
-            multiprocessing_context=_worker_context(),
-        )
-        source = iter(loader)
+    source: Iterator[dict] | None = None
     lanes = list(stream.rank_lanes)
     g = start
     try:
+        if stream.workers == 0:
+            source = iter(dataset)
+        else:
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=stream.workers,
+                pin_memory=pin_memory,
+                persistent_workers=True,
+                prefetch_factor=4 if pin_memory else 2,
+                multiprocessing_context=_worker_context(),
+            )
+            with signals_deferred():  # a signal waits until every worker is started
+                source = iter(loader)
         while True:
             parts = [next(source) for _ in lanes]
             for part, lane in zip(parts, lanes, strict=True):
