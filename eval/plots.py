@@ -310,7 +310,13 @@ def drop_stale(out: Path, pattern: str, drawn: set[str]) -> None:
             path.unlink()
 
 
-REPORT_FIGURES = ("fid-*.png", "val-loss-*.png", "optimisation.png", "grad-var.png", "samples-*.png")
+REPORT_FIGURES = (
+    "fid-*.png",
+    "val-loss-*.png",
+    "optimisation.png",
+    "grad-var.png",
+    "samples-*.png",
+)
 
 
 def section(variants, out: Path, names: dict[str, tuple[str, str]]) -> list[str]:
