@@ -23,19 +23,51 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .format import FLOW_MEMBER, SpecError, has_flow_mag, mask_member
 from .reader import Build, decode_sample, open_build
 
+OPTIONAL = ("flow_mag", "masks", "flow")
 
-def to_tensors(sample: dict) -> dict:
+
+def build_fields(build: Build) -> frozenset[str]:
+    """The optional fields (of `OPTIONAL`) that every sample of `build` has, from its manifest:
+    ``flow_mag`` from spec 1.1 on, ``masks`` and ``flow`` where its member list names them."""
+    members = build.manifest["members"]
+    have = {
+        "flow_mag": has_flow_mag(build.manifest),
+        "masks": mask_member(0) in members,
+        "flow": FLOW_MEMBER in members,
+    }
+    return frozenset(name for name, present in have.items() if present)
+
+
+def to_tensors(sample: dict, fields: frozenset[str] | None = None) -> dict:
     """A decoded sample as tensors that ``default_collate`` batches.
 
     ``key``, ``clip_id`` (str); ``frames`` uint8 ``(K, 3, H, W)``; ``frame_ids`` int64 ``(K,)``;
-    ``flow_msq``, ``weight`` float64 ``(K-1,)``; and only when the build stores them ``flow_mag``
-    float64 ``(K-1,)`` (spec 1.1 on), ``masks`` uint8 ``(K, H, W)`` (0 or 255) and ``flow``
-    float16 ``(K-1, 2, h, w)``. The rest of the
-    per-sample JSON (nullable fields that ``default_collate`` cannot batch) is left out.
+    ``flow_msq``, ``weight`` float64 ``(K-1,)``; and, of the optional ones, ``flow_mag`` float64
+    ``(K-1,)`` (spec 1.1 on), ``masks`` uint8 ``(K, H, W)`` (0 or 255) and ``flow`` float16
+    ``(K-1, 2, h, w)``. The rest of the per-sample JSON (nullable fields that
+    ``default_collate`` cannot batch) is left out.
+
+    ``fields`` (`build_fields`) fixes the optional ones for a whole build, so that every sample
+    has the same keys: a sample that lacks one is a SpecError naming it. Without it, each
+    sample gives those it has.
     """
     meta = sample["meta"]
+    present = {
+        "flow_mag": "flow_mag" in meta,
+        "masks": sample["masks"] is not None,
+        "flow": sample["flow"] is not None,
+    }
+    if fields is not None:
+        lacking = [name for name in OPTIONAL if name in fields and not present[name]]
+        if lacking:
+            raise SpecError(
+                f"sample {sample['key']} lacks {', '.join(lacking)}, which every sample of its "
+                "build has (the manifest says so); `pipeline validate` lists what else is wrong"
+            )
+        present = {name: name in fields for name in OPTIONAL}
     out = {
         "key": sample["key"],
         "clip_id": meta["clip_id"],
@@ -44,11 +76,11 @@ def to_tensors(sample: dict) -> dict:
         "flow_msq": torch.tensor(meta["flow_msq"], dtype=torch.float64),
         "weight": torch.tensor(meta["weight"], dtype=torch.float64),
     }
-    if "flow_mag" in meta:
+    if present["flow_mag"]:
         out["flow_mag"] = torch.tensor(meta["flow_mag"], dtype=torch.float64)
-    if sample["masks"] is not None:
+    if present["masks"]:
         out["masks"] = torch.from_numpy(np.stack(sample["masks"]))
-    if sample["flow"] is not None:
+    if present["flow"]:
         out["flow"] = torch.from_numpy(np.array(sample["flow"]))
     return out
 
@@ -77,7 +109,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         if not self.build.urls(self.split):
             return
-        window = self.build.window
+        window, fields = self.build.window, build_fields(self.build)
         pipe = self.build.webdataset(self.split, self.shuffle, self.seed, self.bufsize)
         for raw in pipe:
-            yield to_tensors(decode_sample(raw, window))
+            yield to_tensors(decode_sample(raw, window), fields)

@@ -6,8 +6,10 @@ JSON that shards_spec's reader decodes, without unpickling anything on the way.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from shards_spec import SpecError, open_build, validate
 from shards_spec.hf import data_files as hf_data_files
 from shards_spec.hf import features as hf_features
 from shards_spec.reader import refuse_forbidden
-from shards_spec.torchdata import WindowDataset, to_tensors
+from shards_spec.torchdata import WindowDataset, build_fields, to_tensors
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +313,31 @@ def test_torch_adapter_checks(full, tmp_path):
         list(WindowDataset(root, "train"))
     tensors = to_tensors(next(open_build(full).samples("train")))
     assert tensors["frames"].shape == (3, 3, 32, 32) and tensors["masks"].shape == (3, 32, 32)
+
+
+def test_torch_adapter_decides_the_fields_by_the_build(full, old, tmp_path):
+    """Every sample of a WindowDataset has the optional fields its build stores (the manifest
+    says which), so batches always collate; a sample that lacks one is a SpecError naming it."""
+    assert build_fields(open_build(full)) == {"flow_mag", "masks", "flow"}
+    assert "flow_mag" not in build_fields(open_build(old))  # spec 1.0
+    first = next(iter(WindowDataset(full, "train")))
+    assert {"flow_mag", "masks", "flow"} <= set(first)
+    root = tmp_path / "damaged"
+    shutil.copytree(full, root)
+    rel = "train/train-000000.tar"
+
+    def drop_flow_mag(members):  # from the first sample's JSON
+        i = next(i for i, (name, _) in enumerate(members) if name.endswith(".json"))
+        name, data = members[i]
+        meta = json.loads(data)
+        del meta["flow_mag"]
+        return [*members[:i], (name, json.dumps(meta).encode()), *members[i + 1 :]]
+
+    edit_shard(root, rel, drop_flow_mag)
+    with pytest.raises(SpecError, match=r"sample \S+ lacks flow_mag, which every sample"):
+        list(WindowDataset(root, "train"))
+    lone = to_tensors(next(open_build(root).samples("train")))  # alone: what the sample has
+    assert "flow_mag" not in lone and "masks" in lone
 
 
 def test_reader_samples_need_the_adapter_to_batch(plain):
