@@ -301,10 +301,15 @@ def _entry(title: str, file: str | bool | None, caption: str, missing: str) -> l
     return [f"### {title}", "", f"![{caption}]({file})", "", f"*{caption}*", ""]
 
 
-def drop_stale(out: Path, pattern: str, drawn: set[str]) -> None:
+def drop_stale(out: Path, pattern: str, drawn: set[str], marker: str) -> None:
     """Delete the files matching `pattern` in `out` that this writing did not draw: a figure of
     an earlier report (a cell since removed, a grid numbered differently, a plot with no data
-    now) must not sit beside the report that no longer shows it."""
+    now) must not sit beside the report that no longer shows it.
+
+    Only where `out` holds `marker`, the earlier report itself: a folder this project did not
+    write a report into keeps every file."""
+    if not (out / marker).is_file():
+        return
     for path in out.glob(pattern):
         if path.name not in drawn:
             path.unlink()
@@ -361,5 +366,5 @@ def section(variants, out: Path, names: dict[str, tuple[str, str]]) -> list[str]
         missing = f"no samples/<step>/*.png in `{v.runs[0].path}`"
         lines += entry(v.label, file, caption, f"{v.label}: {caption}", missing)
     for pattern in REPORT_FIGURES:
-        drop_stale(out, pattern, drawn)
+        drop_stale(out, pattern, drawn, marker="report.md")
     return lines

@@ -686,7 +686,7 @@ def write(study, cells, out: Path) -> Path:
                 f"*{caption} Not plotted: no cells or points for it ({file}).*", ""]  # fmt: skip
         drawn = {file for file, ok, _ in figures if ok}
         drawn |= {file for file in results.get("sample_grids", {}).values() if file}
-        plots.drop_stale(out, "study-*.png", drawn)
+        plots.drop_stale(out, "study-*.png", drawn, marker="results.md")
     for name, data in (("results.json", results), ("curves.json", curves(by_cell))):
         text = json.dumps(data, indent=None, separators=(",", ":"), default=str)
         atomic_write_text(out / name, text)

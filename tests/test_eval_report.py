@@ -267,11 +267,17 @@ def test_plots_exist_and_are_linked(report):
 
 def test_run_without_evals_shows_missing(runs, tmp_path):
     """Missing points are said; the figures an earlier report left in the folder that this
-    one does not draw are removed, and files that are not the report's are kept."""
+    one does not draw are removed, and files that are not the report's are kept; a folder
+    without an earlier report.md keeps all its files."""
+    stale = ("fid-inception-epochs.png", "samples-03-flow-lam-10.png", "grad-var.png")
+    foreign = tmp_path / "not-a-report"
+    foreign.mkdir()
+    (foreign / stale[1]).write_bytes(b"a user's own file")
+    make_report([runs["c"]], foreign)
+    assert (foreign / stale[1]).read_bytes() == b"a user's own file"
     out = tmp_path / "rep"
     out.mkdir()
-    stale = ("fid-inception-epochs.png", "samples-03-flow-lam-10.png", "grad-var.png")
-    for name in (*stale, "notes.txt", "my-figure.png"):
+    for name in (*stale, "notes.txt", "my-figure.png", "report.md"):
         (out / name).write_bytes(b"earlier")
     text = make_report([runs["c"]], out).read_text()
     assert "| iid | 1 (0) | — | — |" in text and "no FID points" in text
