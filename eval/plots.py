@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -307,12 +308,20 @@ def drop_stale(out: Path, pattern: str, drawn: set[str], marker: str) -> None:
     now) must not sit beside the report that no longer shows it.
 
     Only where `out` holds `marker`, the earlier report itself: a folder this project did not
-    write a report into keeps every file."""
+    write a report into keeps every file; a folder named like a figure is not a figure and
+    stays. A file that cannot be removed is said on stderr and stays: the report still lands."""
     if not (out / marker).is_file():
         return
     for path in out.glob(pattern):
-        if path.name not in drawn:
+        if path.name in drawn or (path.is_dir() and not path.is_symlink()):
+            continue
+        try:
             path.unlink()
+        except OSError as exc:
+            print(
+                f"warning: could not remove the stale figure {path}: {exc.strerror}",
+                file=sys.stderr,
+            )
 
 
 REPORT_FIGURES = (

@@ -279,13 +279,36 @@ def test_run_without_evals_shows_missing(runs, tmp_path):
     out.mkdir()
     for name in (*stale, "notes.txt", "my-figure.png", "report.md"):
         (out / name).write_bytes(b"earlier")
+    (out / "samples-00-old.png").mkdir()  # a folder named like a figure: kept, no crash
     text = make_report([runs["c"]], out).read_text()
     assert "| iid | 1 (0) | — | — |" in text and "no FID points" in text
     assert "*Not plotted: no FID (inception extractor) points in any run.*" in text
     assert not any((out / name).exists() for name in stale[:2])
     assert (out / "grad-var.png").read_bytes() != b"earlier"  # redrawn from the run's records
     assert (out / "notes.txt").is_file() and (out / "my-figure.png").is_file()
+    assert (out / "samples-00-old.png").is_dir()
     assert (out / "val-loss-epochs.png").stat().st_size > 0
+
+
+def test_a_stale_figure_that_cannot_be_removed_is_a_warning(tmp_path, capsys, monkeypatch):
+    """An OSError removing one stale figure is one line on stderr; the others still go."""
+    from eval import plots
+
+    for name in ("report.md", "fid-a.png", "fid-b.png"):
+        (tmp_path / name).write_bytes(b"earlier")
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name == "fid-a.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    plots.drop_stale(tmp_path, "fid-*.png", drawn=set(), marker="report.md")
+    err = capsys.readouterr().err
+    assert "could not remove the stale figure" in err and "fid-a.png" in err
+    assert err.count("\n") == 1
+    assert (tmp_path / "fid-a.png").is_file() and not (tmp_path / "fid-b.png").exists()
 
 
 def test_extractor_option_and_empty_metrics(runs, tmp_path):
