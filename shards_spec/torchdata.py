@@ -68,21 +68,39 @@ def to_tensors(sample: dict, fields: frozenset[str] | None = None) -> dict:
                 "build has (the manifest says so); `pipeline validate` lists what else is wrong"
             )
         present = {name: name in fields for name in OPTIONAL}
+    window = len(sample["frames"])
     out = {
         "key": sample["key"],
         "clip_id": meta["clip_id"],
         "frames": torch.from_numpy(np.stack(sample["frames"])).permute(0, 3, 1, 2).contiguous(),
         "frame_ids": torch.tensor(meta["frame_ids"], dtype=torch.int64),
-        "flow_msq": torch.tensor(meta["flow_msq"], dtype=torch.float64),
-        "weight": torch.tensor(meta["weight"], dtype=torch.float64),
+        "flow_msq": _per_pair(sample, "flow_msq", window),
+        "weight": _per_pair(sample, "weight", window),
     }
     if present["flow_mag"]:
-        out["flow_mag"] = torch.tensor(meta["flow_mag"], dtype=torch.float64)
+        out["flow_mag"] = _per_pair(sample, "flow_mag", window)
     if present["masks"]:
         out["masks"] = torch.from_numpy(np.stack(sample["masks"]))
     if present["flow"]:
         out["flow"] = torch.from_numpy(np.array(sample["flow"]))
     return out
+
+
+def _per_pair(sample: dict, name: str, window: int) -> torch.Tensor:
+    """The per-pair list `name` of a sample's JSON as float64 ``(window-1,)``; anything else
+    (null, a string, a wrong length) is a SpecError naming the sample and the field."""
+    value = sample["meta"].get(name)
+    ok = (
+        isinstance(value, list)
+        and len(value) == window - 1
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+    if not ok:
+        raise SpecError(
+            f"sample {sample['key']}: {name} {value!r} is not a list of {window - 1} numbers "
+            f"(one per adjacent pair of its {window} frames)"
+        )
+    return torch.tensor(value, dtype=torch.float64)
 
 
 class WindowDataset(torch.utils.data.IterableDataset):
