@@ -6,15 +6,16 @@ import argparse
 import sys
 
 from shards_spec import SpecError
-from shards_spec.cli import add_debug_flag, run_command
+from shards_spec.cli import add_debug_flag, ctrl_c_ends_quietly, run_command
 from train.folder_lock import FolderBusy
-
-from . import generation, metrics, report, sample, study, watch
-from .runs import RunError
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m eval`` parser with its subcommands."""
+    # imported here, not at the top (torch, clean-fid, matplotlib: seconds), so that a Ctrl-C
+    # while they import ends quietly (`main`)
+    from . import generation, metrics, report, sample, study, watch
+
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@ctrl_c_ends_quietly
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand, ended as every command ends (`shards_spec.cli`: one-line ``error:
     ...`` on stderr and exit 2 for bad input; ``--debug`` for the traceback)."""
     args = build_parser().parse_args(argv)
+    from .metrics import MetricsError
+    from .runs import RunError
+
     return run_command(
         lambda: args.func(args),
-        errors=(RunError, metrics.MetricsError, SpecError, FolderBusy),
+        errors=(RunError, MetricsError, SpecError, FolderBusy),
         debug=args.debug,
     )
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pipeline.flow import BACKENDS
 from pipeline.sources import SOURCES
-from shards_spec.cli import add_debug_flag, run_command
+from shards_spec.cli import add_debug_flag, ctrl_c_ends_quietly, run_command
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -126,6 +126,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@ctrl_c_ends_quietly  # the imports below (Ray, torch) take seconds
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand, ended as every command ends (`shards_spec.cli`): bad input in one
     line with exit 2; an error inside a Ray task or actor in one line with exit 1."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import signal
 import sys
 import threading
@@ -60,13 +61,20 @@ def signals_deferred() -> Iterator[None]:
 
     For steps that must not be cut in half: a loader starting its worker processes, stopped
     midway, drops the queues a started worker is still reading and the worker dies with a
-    traceback. A no-op off the main thread.
+    traceback. A signal that is ignored (SIG_IGN, as under ``nohup`` or a shell's background
+    job) or handled outside Python stays as it is: the processes started inside the block
+    inherit that disposition, and holding it would only drop it later. A no-op off the main
+    thread.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    sigs = (signal.SIGTERM, signal.SIGINT)
+    sigs = [
+        sig
+        for sig in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None)
+    ]
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in sigs}
     try:
         yield
@@ -102,6 +110,26 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
+def _stopped(signum: int, prefix: str = "", on_stop: str = "") -> int:
+    print(f"{prefix}stopped by {signal.Signals(signum).name}{on_stop}", file=sys.stderr)
+    return 128 + signum
+
+
+def ctrl_c_ends_quietly(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a command's ``main`` (which calls `run_command`): a Ctrl-C before `run_command`
+    takes over, while torch and the libraries import (seconds) or the options parse, ends as
+    one inside it would: ``stopped by SIGINT``, exit 130, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            return _stopped(signal.SIGINT)
+
+    return wrapper
+
+
 def run_command(
     body: Callable[[], int | None],
     *,
@@ -120,11 +148,9 @@ def run_command(
     try:
         return int(body() or 0)
     except Stopped as exc:
-        print(f"{prefix}stopped by {exc}{on_stop}", file=sys.stderr)
-        return 128 + exc.signum
+        return _stopped(exc.signum, prefix, on_stop)
     except KeyboardInterrupt:
-        print(f"{prefix}stopped by SIGINT{on_stop}", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _stopped(signal.SIGINT, prefix, on_stop)
     except Exception as exc:
         if debug:
             raise

@@ -352,6 +352,34 @@ def test_a_finished_run_is_recorded_and_left_alone(build, tmp_path, capsys):
 # 12: signals stop the whole run
 
 
+def _mapped(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("command", [["-m", "train"], ["-m", "eval", "report"]])
+def test_ctrl_c_while_torch_imports_is_one_line(build, tmp_path, command):
+    """A Ctrl-C to the group while the command still imports torch (seconds, before it has
+    parsed its options) ends it as one later would: exit 130, ``stopped by SIGINT``."""
+    out = tmp_path / "run"
+    tail = args(build, out) if command[-1] == "train" else [str(tmp_path / "no-run")]
+    proc = start([PY, *command, *tail], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _mapped(proc.pid, "libtorch") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the command ended before it loaded torch"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+        assert err.strip().splitlines()[-1] == "stopped by SIGINT"
+        assert "Traceback" not in err
+    finally:
+        kill_group(proc)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_loader_workers_and_the_fork_server(build, tmp_path, sig):
     out = tmp_path / "run"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import tarfile
@@ -243,6 +244,47 @@ def test_a_signal_while_the_workers_start_waits_and_they_are_shut_down(small, mo
     assert not any(w.is_alive() for w in started[0]._workers)
 
 
+def _ignores_sigint(pid: int) -> bool:
+    """Whether process `pid` ignores SIGINT (Linux: the SigIgn mask of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return bool(mask >> (signal.SIGINT - 1) & 1)
+
+
+def _parent_of(pid: int) -> int:
+    return int(re.search(r"^PPid:\s*(\d+)$", Path(f"/proc/{pid}/status").read_text(), re.M)[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_loader_workers_and_their_fork_server_ignore_sigint(small):
+    """A Ctrl-C reaches the whole process group: the fork server (from its first import on,
+    before torch) and the workers ignore it, and the training process, which does not, shuts
+    them down."""
+    started = []
+    original = torch.utils.data.DataLoader.__iter__
+
+    def keep(self):
+        started.append(original(self))
+        return started[-1]
+
+    # SIGINT handled, as under a terminal (a script's background job starts with it ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.utils.data.DataLoader, "__iter__", keep)
+            loader = batches(make_stream(small, workers=1), 0)
+            try:
+                next(loader)
+                (worker,) = started[0]._workers
+                server = _parent_of(worker.pid)
+                assert server != os.getpid()
+                assert _ignores_sigint(worker.pid) and _ignores_sigint(server)
+            finally:
+                loader.close()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_signals_deferred_delivers_the_held_signal_after_the_block():
     """Inside the block SIGTERM is held; on leaving it the previous handler gets it."""
     reached = []
@@ -252,6 +294,20 @@ def test_signals_deferred_delivers_the_held_signal_after_the_block():
     assert reached == ["after the signal"]
     with signals_deferred():  # no signal: nothing delivered
         pass
+
+
+def test_signals_deferred_leaves_an_ignored_signal_ignored():
+    """A signal ignored before (nohup, a background job) stays SIG_IGN inside the block, so the
+    processes started there inherit it, and nothing is delivered on leaving it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals_deferred():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # held
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: no KeyboardInterrupt, now or later
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- frames

@@ -7,9 +7,10 @@ import os
 import sys
 
 from shards_spec import SpecError
-from shards_spec.cli import run_command, stop_on_sigterm
+from shards_spec.cli import ctrl_c_ends_quietly, run_command, stop_on_sigterm
 
 
+@ctrl_c_ends_quietly  # the imports below take seconds
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CheckpointError
     from train.data import DataError

@@ -462,6 +462,7 @@ def batches(stream: Stream, start: int, pin_memory: bool = False) -> Iterator[di
                 multiprocessing_context=_worker_context(),
             )
             with signals_deferred():  # a signal waits until every worker is started
+                _start_fork_server()
                 source = iter(loader)
         while True:
             parts = [next(source) for _ in lanes]
@@ -486,11 +487,27 @@ def _worker_context():
     training process itself (threads, OpenMP, Ray, CUDA) can deadlock a worker.
 
     The fork server (`train.loader_server`) and each worker die with their parent, so a
-    training process that is killed outright (SIGKILL, the OOM killer) leaves neither behind.
+    training process that is killed outright (SIGKILL, the OOM killer) leaves neither behind;
+    both ignore SIGINT (a Ctrl-C is the training process's to handle).
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["train.data", "train.loader_server"])
+    ctx.set_forkserver_preload(["train.loader_server"])  # it imports train.data
     return ctx
+
+
+def _start_fork_server() -> None:
+    """Start the loader workers' fork server (a no-op once it runs) with SIGINT blocked, so that
+    it is born blocking it: a Ctrl-C to the process group while the server starts stays pending
+    there until `train.loader_server`, its first import, ignores SIGINT (which drops it) and
+    unblocks it. multiprocessing starts its resource tracker the same way."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()  # first: it unblocks SIGINT once it has started
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def die_with_parent() -> None:
