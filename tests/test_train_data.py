@@ -244,11 +244,15 @@ def test_a_signal_while_the_workers_start_waits_and_they_are_shut_down(small, mo
     assert not any(w.is_alive() for w in started[0]._workers)
 
 
-def _ignores_sigint(pid: int) -> bool:
-    """Whether process `pid` ignores SIGINT (Linux: the SigIgn mask of /proc/PID/status)."""
+def _sigint(pid: int) -> str:
+    """How process `pid` treats SIGINT: ignored, caught (a handler) or default (Linux /proc)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    mask = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
-    return bool(mask >> (signal.SIGINT - 1) & 1)
+
+    def has(mask: str) -> bool:
+        bits = int(re.search(rf"^{mask}:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+        return bool(bits >> (signal.SIGINT - 1) & 1)
+
+    return "ignored" if has("SigIgn") else "caught" if has("SigCgt") else "default"
 
 
 def _parent_of(pid: int) -> int:
@@ -256,10 +260,14 @@ def _parent_of(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
-def test_loader_workers_and_their_fork_server_ignore_sigint(small):
-    """A Ctrl-C reaches the whole process group: the fork server (from its first import on,
-    before torch) and the workers ignore it, and the training process, which does not, shuts
-    them down."""
+@pytest.mark.parametrize(
+    ("trainer", "expected"), [(signal.default_int_handler, "caught"), (signal.SIG_IGN, "ignored")]
+)
+def test_loader_fork_server_ignores_sigint_and_workers_follow_the_trainer(small, trainer, expected):
+    """A Ctrl-C reaches the whole process group. The fork server ignores it (from its first
+    import on, before torch); a worker handles it as the training process does: stops at once
+    where the trainer stops (KeyboardInterrupt, which torch's worker loop ends quietly on), and
+    keeps working where the trainer ignores it (nohup, a script's background job)."""
     started = []
     original = torch.utils.data.DataLoader.__iter__
 
@@ -267,18 +275,18 @@ def test_loader_workers_and_their_fork_server_ignore_sigint(small):
         started.append(original(self))
         return started[-1]
 
-    # SIGINT handled, as under a terminal (a script's background job starts with it ignored)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = signal.signal(signal.SIGINT, trainer)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch.utils.data.DataLoader, "__iter__", keep)
             loader = batches(make_stream(small, workers=1), 0)
             try:
-                next(loader)
+                next(loader)  # the worker has started iterating
                 (worker,) = started[0]._workers
                 server = _parent_of(worker.pid)
                 assert server != os.getpid()
-                assert _ignores_sigint(worker.pid) and _ignores_sigint(server)
+                assert _sigint(server) == "ignored"
+                assert _sigint(worker.pid) == expected
             finally:
                 loader.close()
     finally:

@@ -420,6 +420,8 @@ class LaneParts(torch.utils.data.IterableDataset):
 
     def __init__(self, stream: Stream, start: int) -> None:
         self.stream, self.start = stream, start
+        # the training process's Ctrl-C handling, which its workers take over (`_worker_sigint`)
+        self.sigint_ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -431,6 +433,7 @@ class LaneParts(torch.utils.data.IterableDataset):
                     yield from (next(p) for p in parts)
             else:
                 die_with_parent()
+                _worker_sigint(self.sigint_ignored)
                 torch.set_num_threads(1)
                 cv2.setNumThreads(1)
                 yield from lane_batches(self.stream, lanes[info.id], self.start)
@@ -487,12 +490,21 @@ def _worker_context():
     training process itself (threads, OpenMP, Ray, CUDA) can deadlock a worker.
 
     The fork server (`train.loader_server`) and each worker die with their parent, so a
-    training process that is killed outright (SIGKILL, the OOM killer) leaves neither behind;
-    both ignore SIGINT (a Ctrl-C is the training process's to handle).
+    training process that is killed outright (SIGKILL, the OOM killer) leaves neither behind.
+    The server ignores SIGINT; the workers handle it as the training process does.
     """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["train.loader_server"])  # it imports train.data
     return ctx
+
+
+def _worker_sigint(ignored: bool) -> None:
+    """A loader worker handles SIGINT as the training process does. The fork server ignores
+    it, but where the trainer stops on Ctrl-C its workers must too, at once: torch's worker
+    loop ends quietly on KeyboardInterrupt, while a worker that went on serving a batch would
+    report the trainer's dropped connection with a traceback."""
+    if not ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _start_fork_server() -> None:

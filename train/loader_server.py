@@ -4,8 +4,8 @@ Importing it first ignores SIGINT in the fork server: a Ctrl-C reaches the whole
 group, and the server, still importing torch, would otherwise die of it with a traceback
 (the server starts with SIGINT blocked, see `train.data`, so one that came earlier is
 dropped here too).
-The training process handles the Ctrl-C and shuts the workers down itself; the workers the
-server forks inherit the ignored SIGINT, so none of them dies of it halfway either.
+The training process handles the Ctrl-C and shuts the workers down; each worker the server
+forks then takes over the training process's own SIGINT handling (`train.data`).
 
 Then it makes the fork server die with the training process that started it: the workers it
 forks hold the server's liveness pipe, so without this a training process killed outright
