@@ -7,6 +7,8 @@ One way for all of them (`run_command`):
 - a job that failed for a reason the user must see (a command's ``failed`` predicate): the
   same line, exit 1;
 - a full disk: one line saying so (the same command resumes), exit 2;
+- a path it cannot write or read (a folder in the way of a file, no permission, a read-only
+  file system): the path and the reason on one line, exit 2;
 - SIGINT, or SIGTERM where a command turns it into `Stopped`: ``PREFIX stopped by SIGINT``,
   exit 128 + the signal's number;
 - with ``--debug`` (`add_debug_flag`), errors are raised instead, traceback and all.
@@ -85,25 +87,29 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(held[0])
 
 
-def disk_full(exc: BaseException | None) -> bool:
-    """Whether `exc` or an error it was raised from is a full disk (or quota).
+# a path the command cannot write or read: a folder in the way of a file (or a file in the way
+# of a folder), no permission, a read-only file system
+BLOCKED = (errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _os_error(exc: BaseException | None, codes: tuple[int, ...]) -> OSError | None:
+    """The OSError with one of `codes` that `exc` is or was raised from, if any.
 
     torch.save reports a failed write as a RuntimeError ("unexpected pos") raised while
     handling the OSError.
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in FULL:
-            return True
+        if isinstance(exc, OSError) and exc.errno in codes:
+            return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
 
 
-def _full_disk_error(exc: BaseException) -> OSError:
-    while not (isinstance(exc, OSError) and exc.errno in FULL):
-        exc = exc.__cause__ or exc.__context__
-    return exc
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or an error it was raised from is a full disk (or quota)."""
+    return _os_error(exc, FULL) is not None
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -157,13 +163,18 @@ def run_command(
         if isinstance(exc, errors) or failed(exc):
             print(f"{prefix}error: {message(exc)}", file=sys.stderr)
             return 2 if isinstance(exc, errors) else 1
-        if not disk_full(exc):
+        full = _os_error(exc, FULL)
+        if full is not None:
+            where = f" writing {full.filename}" if full.filename else ""
+            print(
+                f"{prefix}error: disk full{where}: free some space and run the same command "
+                "again to resume",
+                file=sys.stderr,
+            )
+            return 2
+        blocked = _os_error(exc, BLOCKED)
+        if blocked is None or not blocked.filename:
             raise
-        full = _full_disk_error(exc)
-        where = f" writing {full.filename}" if full.filename else ""
-        print(
-            f"{prefix}error: disk full{where}: free some space and run the same command again "
-            "to resume",
-            file=sys.stderr,
-        )
+        path = blocked.filename2 or blocked.filename  # a rename's: its destination
+        print(f"{prefix}error: {path}: {blocked.strerror}", file=sys.stderr)
         return 2

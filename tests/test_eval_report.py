@@ -329,6 +329,18 @@ def test_not_a_run_is_one_line_error(runs, tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_a_folder_in_the_way_of_a_figure_is_one_line(runs, tmp_path, capsys):
+    """A folder where the report writes a figure: one line naming it, exit 2, no traceback."""
+    from eval.__main__ import main as eval_main
+
+    out = tmp_path / "rep"
+    (out / "val-loss-epochs.png").mkdir(parents=True)
+    assert eval_main(["report", str(runs["c"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(rf"error: {out}/val-loss-epochs\.png: Is a directory$", err, re.M), err
+
+
 def test_two_seeds_of_one_command_are_one_variant(tmp_path):
     """Every config.json field that differs between seeds (seed, out, run_id) is not a variant."""
     build = make_build(tmp_path / "b", n_train=16, n_val=8, size=16, seed=2)
