@@ -88,19 +88,27 @@ def to_tensors(sample: dict, fields: frozenset[str] | None = None) -> dict:
 
 def _per_pair(sample: dict, name: str, window: int) -> torch.Tensor:
     """The per-pair list `name` of a sample's JSON as float64 ``(window-1,)``; anything else
-    (null, a string, a wrong length) is a SpecError naming the sample and the field."""
+    (null, a string, a wrong length, NaN, a negative number: the schema's fields are finite
+    and >= 0) is a SpecError naming the sample and the field."""
     value = sample["meta"].get(name)
     ok = (
         isinstance(value, list)
         and len(value) == window - 1
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     )
+    if ok:
+        try:
+            pairs = np.array(value, dtype=np.float64)
+        except OverflowError:  # an integer past float64
+            ok = False
+        else:
+            ok = bool(np.all(np.isfinite(pairs)) and np.all(pairs >= 0))
     if not ok:
         raise SpecError(
-            f"sample {sample['key']}: {name} {value!r} is not a list of {window - 1} numbers "
-            f"(one per adjacent pair of its {window} frames)"
+            f"sample {sample['key']}: {name} {value!r} is not a list of {window - 1} finite "
+            f"numbers >= 0 (one per adjacent pair of its {window} frames)"
         )
-    return torch.tensor(value, dtype=torch.float64)
+    return torch.from_numpy(pairs)
 
 
 class WindowDataset(torch.utils.data.IterableDataset):

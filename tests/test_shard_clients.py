@@ -340,15 +340,22 @@ def test_torch_adapter_decides_the_fields_by_the_build(full, old, tmp_path):
     assert "flow_mag" not in lone and "masks" in lone
 
 
-@pytest.mark.parametrize("value", [None, [], [0.5], [0.5, 0.5, 0.5], ["1", 2.0], [True, 1.0]])
+@pytest.mark.parametrize(
+    "value",
+    [None, [], [0.5], [0.5, 0.5, 0.5], ["1", 2.0], [True, 1.0], [float("nan"), 0.5],
+     [0.5, float("inf")], [-0.1, 0.5], [10**400, 0.5]],
+)  # fmt: skip
 def test_torch_adapter_refuses_a_per_pair_field_that_does_not_fit(full, value):
-    """A null, non-numeric or wrong-length flow_mag (or weight, flow_msq) is a SpecError naming
-    the sample and the field, not a TypeError or a collate error later."""
+    """A null, non-numeric, wrong-length, non-finite or negative flow_mag (or weight, flow_msq)
+    is a SpecError naming the sample and the field, not a TypeError, a collate error later or a
+    NaN in training."""
     sample = next(open_build(full).samples("train"))
     assert len(sample["frames"]) == 3
     for name in ("flow_mag", "weight", "flow_msq"):
         broken = {**sample, "meta": {**sample["meta"], name: value}}
-        with pytest.raises(SpecError, match=rf"sample \S+: {name} .* is not a list of 2 numbers"):
+        with pytest.raises(
+            SpecError, match=rf"sample \S+: {name} .* is not a list of 2 finite numbers >= 0"
+        ):
             to_tensors(broken, build_fields(open_build(full)))
 
 
