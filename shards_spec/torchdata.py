@@ -17,6 +17,7 @@ pass; a worker left without a shard yields nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -91,19 +92,12 @@ def _per_pair(sample: dict, name: str, window: int) -> torch.Tensor:
     (null, a string, a wrong length, NaN, a negative number: the schema's fields are finite
     and >= 0) is a SpecError naming the sample and the field."""
     value = sample["meta"].get(name)
-    ok = (
-        isinstance(value, list)
-        and len(value) == window - 1
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    )
-    if ok:
-        try:
+    pairs = None
+    numbers = isinstance(value, list) and len(value) == window - 1
+    if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        with contextlib.suppress(OverflowError):  # an integer past float64
             pairs = np.array(value, dtype=np.float64)
-        except OverflowError:  # an integer past float64
-            ok = False
-        else:
-            ok = bool(np.all(np.isfinite(pairs)) and np.all(pairs >= 0))
-    if not ok:
+    if pairs is None or not (np.isfinite(pairs).all() and (pairs >= 0).all()):
         raise SpecError(
             f"sample {sample['key']}: {name} {value!r} is not a list of {window - 1} finite "
             f"numbers >= 0 (one per adjacent pair of its {window} frames)"
